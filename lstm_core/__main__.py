@@ -1,0 +1,225 @@
+"""The command line: `python -m lstm_core {train,evaluate,runs}`.
+
+    python -m lstm_core train --preset default --epochs 3 --json
+    python -m lstm_core evaluate saves/runs/20261123-153412-a1b2c3
+    python -m lstm_core runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .config import CHOICES, FIELD_TYPES, PRESETS, ConfigError, TrainConfig, from_dict, preset, read_mapping
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad flags or values: one message, exit status 2, nothing written."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line instead of argparse's usage dump
+        raise UsageError(message)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (`hidden_size` -> `--hidden-size`); unset flags keep the
+    preset's or config file's value."""
+    group = parser.add_argument_group("hyperparameters (TrainConfig fields)")
+    for f in fields(TrainConfig):
+        kind = FIELD_TYPES[f.name]
+        help_text = f"default: {f.default}"
+        if kind is bool:
+            group.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            group.add_argument(flag(f.name), dest=f.name, type=kind, default=None, choices=CHOICES.get(f.name),
+                               metavar=None if f.name in CHOICES else kind.__name__.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Preset, then config file, then flags; each later source overrides the earlier."""
+    values = preset(args.preset).to_dict()
+    if args.config:
+        file_values = read_mapping(args.config)
+        values.update(from_dict({**values, **file_values}).to_dict())  # validates the file on its own terms
+    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
+    return from_dict(values)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="python -m lstm_core", description="Train, evaluate and list LSTM MNIST classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    train = sub.add_parser("train", help="train a model into a new run directory")
+    train.add_argument("--preset", default="default", choices=list(PRESETS), help="starting hyperparameters")
+    train.add_argument("--config", metavar="FILE", help="JSON or TOML file of TrainConfig fields")
+    train.add_argument("--saves", metavar="DIR", help="saves root (default: $LSTM_SAVES or ./saves)")
+    train.add_argument("--data-dir", metavar="DIR", help="MNIST folder (default: $LSTM_DATA or SAVES/data)")
+    train.add_argument("--json", action="store_true", help="end stdout with one JSON summary line")
+    add_config_flags(train)
+
+    evaluate = sub.add_parser("evaluate", help="test-set metrics of a run or checkpoint, as JSON")
+    evaluate.add_argument("path", help="a run directory, run id, or checkpoint file (.pt)")
+    evaluate.add_argument("--saves", metavar="DIR")
+    evaluate.add_argument("--data-dir", metavar="DIR")
+    evaluate.add_argument("--device", default="auto")
+
+    runs = sub.add_parser("runs", help="list runs with state and best metrics")
+    runs.add_argument("--saves", metavar="DIR")
+    runs.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    return parser
+
+
+# -- train -------------------------------------------------------------------------------------
+def command_train(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .devices import resolve_device
+    from .runs import RunRecorder, create_run
+    from .train import fit
+
+    config = config_from_args(args)
+    try:
+        resolve_device(config.device)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    mnist = load_mnist(args.data_dir)
+    run = create_run(config, args.saves)
+    print(run.path, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())  # cooperative: the run ends between batches, checkpointed
+    history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist)
+    summary = history.summary()
+    test_acc = summary["test_accuracy"]
+    print(f"{history.stopped}: {len(history.epochs)} epoch(s) in {history.train_seconds:.1f} s, "
+          f"best val acc {history.best_val_accuracy:.2%} (epoch {history.best_epoch}), "
+          f"test acc {test_acc:.2%}, macro-F1 {summary['macro_f1']:.4f} -> {run.path}", flush=True)
+    if args.json:
+        print(json.dumps({"run_dir": str(run.path), "state": run.status().get("state"), "test_accuracy": test_acc,
+                          "macro_f1": summary["macro_f1"], "train_seconds": history.train_seconds,
+                          "best_val_accuracy": history.best_val_accuracy, "epochs": len(history.epochs)}))
+    return 0
+
+
+class ProgressPrinter:
+    """A one-line progress bar with ETA on stderr (a line per epoch when stderr is not a terminal)."""
+
+    def __init__(self, stream=None, width: int = 28):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.tty = self.stream.isatty()
+
+    def on_run_start(self, state) -> None:
+        self.stream.write(f"training {state.config.arch} on {state.device}: {state.n_train} samples, "
+                          f"{state.steps_per_epoch} batches/epoch, {state.config.epochs} epoch(s)\n")
+
+    def on_batch(self, state, r: dict) -> None:
+        if not self.tty:
+            return
+        done = int(self.width * r["step"] / r["steps"])
+        self.stream.write(f"\repoch {r['epoch']}/{state.config.epochs} [{'#' * done}{'.' * (self.width - done)}] "
+                          f"loss {r['loss']:.4f} acc {r['accuracy']:.2%} {r['samples_per_s']:.0f} samples/s "
+                          f"ETA {format_seconds(r['eta'])}  ")
+        self.stream.flush()
+
+    def on_epoch_end(self, state, r: dict) -> None:
+        self.stream.write(("\r" if self.tty else "") +
+                          f"epoch {r['epoch']}/{r['epochs']}: train loss {r['train_loss']:.4f} "
+                          f"acc {r['train_accuracy']:.2%} | val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.2%}"
+                          f"{' *' if r['improved'] else ''} | {r['epoch_seconds']:.1f} s, "
+                          f"ETA {format_seconds(r['eta'])}" + " " * 12 + "\n")
+        self.stream.flush()
+
+    def on_train_end(self, state) -> None: ...
+    def on_run_end(self, state, history) -> None: ...
+    def on_exception(self, state, exc) -> None: ...
+
+
+def format_seconds(s: float) -> str:
+    s = max(int(s), 0)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+# -- evaluate and runs -------------------------------------------------------------------------
+def command_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .devices import resolve_device
+    from .evaluate import evaluate
+    from .runs import load_model, open_run
+
+    path = Path(args.path)
+    if not path.is_file():
+        path = open_run(args.path, args.saves).path
+    try:
+        device = resolve_device(args.device)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    model, config = load_model(path, device)
+    mnist = load_mnist(args.data_dir)
+    started = time.perf_counter()
+    result = evaluate(model, mnist.test_images.to(device), mnist.test_labels.to(device), config)
+    print(json.dumps({"path": str(path), "test_accuracy": result["accuracy"], "test_loss": result["loss"],
+                      "test_error": result["error"], "macro_precision": result["macro_precision"],
+                      "macro_recall": result["macro_recall"], "macro_f1": result["macro_f1"],
+                      "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
+                      "n": result["n"], "misclassified": len(result["misclassified"]),
+                      "seconds": round(time.perf_counter() - started, 3)}))
+    return 0
+
+
+def command_runs(args: argparse.Namespace) -> int:
+    from .runs import list_runs
+
+    rows = list_runs(args.saves)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no runs yet: python -m lstm_core train --preset default")
+        return 0
+    pct = lambda x: f"{x:.2%}" if x is not None else "-"  # noqa: E731
+    table = [("run", "state", "model", "epochs", "best val", "test", "time", "device")]
+    for r in rows:
+        model = "cnn" if r["arch"] == "cnn" else (f"{'bi' if r['bidirectional'] else ''}lstm "
+                                                  f"{r['num_layers']}x{r['hidden_size']} {r['seq_mode']}")
+        table.append((r["id"], r["state"], model, f"{r['epochs_done']}/{r['epochs']}", pct(r["best_val_accuracy"]),
+                      pct(r["test_accuracy"]), format_seconds(r["duration_s"]) if r["duration_s"] else "-",
+                      r["device"] or "-"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+COMMANDS = {"train": command_train, "evaluate": command_evaluate, "runs": command_runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataUnavailable
+    from .runs import RunError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DataUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

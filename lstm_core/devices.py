@@ -1,0 +1,57 @@
+"""Which devices torch can train on here, and turning a config's `device` into a torch.device."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str        # what TrainConfig.device accepts: "cpu", "cuda:0", "mps"
+    label: str       # what a person reads: "NVIDIA A100 (40.0 GiB)"
+    bf16: bool       # whether bf16 autocast is fast here
+
+
+def available_devices() -> list[DeviceInfo]:
+    """Every device present, CUDA GPUs first (with name and memory), then MPS, then the CPU."""
+    found = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            found.append(DeviceInfo(f"cuda:{i}", f"{props.name} ({props.total_memory / 2**30:.1f} GiB)",
+                                    torch.cuda.is_bf16_supported()))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append(DeviceInfo("mps", "Apple GPU (MPS)", False))
+    found.append(DeviceInfo("cpu", f"CPU ({torch.get_num_threads()} threads)", cpu_has_bf16()))
+    return found
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' becomes cuda, then mps, then cpu; a named device that is absent is a clear error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was asked for, but no CUDA GPU is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {name!r} was asked for, but only {torch.cuda.device_count()} "
+                               "CUDA GPU(s) are present")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("device 'mps' was asked for, but Apple's MPS backend is not available here")
+    return device

@@ -1,0 +1,78 @@
+"""The classifiers. Pure modules: no devices, no I/O; rebuilt from a TrainConfig with build_model.
+
+Shapes: B batch, T time steps, F features per step, H hidden size, D directions (1 or 2).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+class LSTMClassifier(nn.Module):
+    """An LSTM reading an image as a sequence (rows or pixels), classified from its last step.
+
+    x (B, T, F) -> logits (B, 10). Bidirectional: the head reads both directions' final states
+    (forward after step T, backward after step 1)."""
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
+                 bidirectional: bool = False, num_classes: int = 10):
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, (h_n, _) = self.lstm(x)                  # out (B, T, D*H); h_n (layers*D, B, H)
+        if self.lstm.bidirectional:
+            last = torch.cat([h_n[-2], h_n[-1]], 1)   # (B, 2H): forward's and backward's final states
+        else:
+            last = out[:, -1]                         # (B, H)
+        return self.head(self.dropout(last))          # (B, 10)
+
+    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output at every step, (B, T, D*H)."""
+        return self.lstm(x)[0]
+
+    def forward_steps(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits after every time step, (B, T, 10): what the model would answer had the image ended
+        there. Unidirectional models only (a backward pass has read the whole image at every step)."""
+        if self.lstm.bidirectional:
+            raise ValueError("per-step logits need a unidirectional LSTM; this one is bidirectional")
+        return self.head(self.dropout(self.hidden_states(x)))
+
+
+class CNNClassifier(nn.Module):
+    """The usual MNIST convnet: two 3x3 conv blocks with batch norm and pooling, then a small head.
+
+    x (B, 1, 28, 28) -> logits (B, 10)."""
+
+    def __init__(self, dropout: float = 0.25, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),       # (B, 32, 28, 28)
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.MaxPool2d(2),                                                     # (B, 32, 14, 14)
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.MaxPool2d(2),                                                     # (B, 64, 7, 7)
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_model(config: TrainConfig) -> nn.Module:
+    if config.arch == "cnn":
+        return CNNClassifier(config.dropout)
+    _, features = config.seq_shape
+    return LSTMClassifier(features, config.hidden_size, config.num_layers, config.dropout, config.bidirectional)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

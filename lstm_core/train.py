@@ -1,0 +1,256 @@
+"""The training loop. It prints and saves nothing: callbacks see every event, and `fit` returns a History.
+
+    history = fit(preset("default"), callbacks=[RunRecorder(run)], stop=threading.Event())
+    history.test["accuracy"]
+
+Events, in order: on_run_start(state); on_batch(state, record) every `log_every` batches;
+on_epoch_end(state, record); on_train_end(state) when the loop ends for any reason, before the best
+weights are restored; on_run_end(state, history) after the final test evaluation; on_exception(state, exc).
+A stop (the `stop` event or callable, or a callback setting state.should_stop) is honoured between batches.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import MNIST, Splits, batch_input, load_mnist, make_splits
+from .devices import resolve_device
+from .evaluate import autocast, evaluate
+from .models import build_model
+
+PER_BATCH_SCHEDULERS = ("onecycle", "cosine")
+
+
+class Callback:
+    """Hooks with no-op defaults; override the ones you need."""
+
+    def on_run_start(self, state: "FitState") -> None: ...
+    def on_batch(self, state: "FitState", record: dict) -> None: ...
+    def on_epoch_end(self, state: "FitState", record: dict) -> None: ...
+    def on_train_end(self, state: "FitState") -> None: ...
+    def on_run_end(self, state: "FitState", history: "History") -> None: ...
+    def on_exception(self, state: "FitState", exc: BaseException) -> None: ...
+
+
+@dataclass
+class History:
+    config: TrainConfig
+    device: str
+    epochs: list[dict] = field(default_factory=list)   # one record per finished epoch
+    best_epoch: int = 0                                # 1-based; 0 = no epoch finished
+    best_val_loss: float = math.inf
+    best_val_accuracy: float = 0.0
+    stopped: str = "completed"                         # completed | early_stopped | cancelled
+    train_seconds: float = 0.0
+    test: dict | None = None                           # evaluate() on the test set, best weights
+
+    def summary(self) -> dict[str, Any]:
+        return {"stopped": self.stopped, "epochs": len(self.epochs), "best_epoch": self.best_epoch,
+                "best_val_loss": self.best_val_loss, "best_val_accuracy": self.best_val_accuracy,
+                "train_seconds": self.train_seconds, "device": self.device,
+                "test_accuracy": self.test["accuracy"] if self.test else None,
+                "macro_f1": self.test["macro_f1"] if self.test else None}
+
+
+@dataclass
+class FitState:
+    """What callbacks may read (and `should_stop` they may set)."""
+    config: TrainConfig
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    history: History
+    steps_per_epoch: int
+    n_train: int
+    epoch: int = 0                       # epochs finished
+    batch: int = 0                       # batches finished in the current epoch
+    improved: bool = False               # the last finished epoch set a new best validation loss
+    best_state: dict | None = None       # a detached copy of the best weights
+    bad_epochs: int = 0                  # epochs since the last improvement
+    should_stop: bool = False
+    generator: torch.Generator | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               nesterov=config.momentum > 0)
+    return torch.optim.RMSprop(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
+                                                   pct_start=0.25)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
+    return None
+
+
+def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: on CUDA with amp=auto, bf16 where supported, else fp16; amp=bf16 anywhere."""
+    if config.amp == "bf16":
+        return torch.bfloat16
+    if config.amp == "auto" and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def should_stop(stop: Any, state: FitState) -> bool:
+    if state.should_stop:
+        return True
+    if stop is None:
+        return False
+    if hasattr(stop, "is_set"):
+        return stop.is_set()
+    return bool(stop())
+
+
+def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = None,
+        data: MNIST | None = None) -> History:
+    """Train `config`, early-stop on validation loss, restore the best weights, evaluate on the test set.
+    `stop`: a threading/multiprocessing Event or a callable; when it is set the run ends as cancelled."""
+    callbacks = list(callbacks)
+    device = resolve_device(config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    torch.manual_seed(config.seed)
+    splits: Splits = make_splits(data or load_mnist(), config, device)
+    model = build_model(config).to(device)
+    optimizer = make_optimizer(config, model.parameters())
+    n_train = len(splits.train_y)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    state = FitState(config, device, model, optimizer, make_scheduler(config, optimizer, steps_per_epoch),
+                     History(config, str(device)), steps_per_epoch, n_train,
+                     generator=torch.Generator().manual_seed(config.seed))
+    dtype = amp_dtype(config, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    emit = lambda hook, *args: [getattr(cb, hook)(state, *args) for cb in callbacks]  # noqa: E731
+    try:
+        emit("on_run_start")
+        for epoch in range(1, config.epochs + 1):
+            train = train_epoch(state, splits, dtype, scaler, emit, stop)
+            if train is None:
+                state.history.stopped = "cancelled"
+                break
+            record = end_epoch(state, splits, train, dtype)
+            emit("on_epoch_end", record)
+            if should_stop(stop, state):
+                state.history.stopped = "cancelled"
+                break
+            if config.patience and state.bad_epochs >= config.patience:
+                state.history.stopped = "early_stopped"
+                break
+        state.history.train_seconds = time.perf_counter() - state.started
+        emit("on_train_end")
+        if state.best_state is not None:
+            model.load_state_dict(state.best_state)
+        state.history.test = evaluate(model, splits.test_x, splits.test_y, config, amp_dtype=dtype)
+        emit("on_run_end", state.history)
+    except BaseException as exc:
+        for cb in callbacks:
+            cb.on_exception(state, exc)
+        raise
+    return state.history
+
+
+def train_epoch(state: FitState, splits: Splits, dtype, scaler, emit: Callable, stop: Any) -> dict | None:
+    """One pass over the training set: its mean loss and accuracy, or None when a stop came first."""
+    config, model, optimizer = state.config, state.model, state.optimizer
+    model.train()
+    state.batch = 0
+    perm = torch.randperm(state.n_train, generator=state.generator).to(state.device, non_blocking=True)
+    # running sums stay on the device: one host sync per `log_every` batches, not per batch
+    loss_sum = torch.zeros((), device=state.device)
+    correct = torch.zeros((), device=state.device, dtype=torch.long)
+    seen, window_start = 0, time.perf_counter()
+    epoch_loss, epoch_correct = 0.0, 0
+    for start in range(0, state.n_train, config.batch_size):
+        if should_stop(stop, state):
+            return None
+        idx = perm[start:start + config.batch_size]
+        x = batch_input(splits.train_x, idx, config, state.generator, augment_batch=True)
+        y = splits.train_y[idx]
+        with autocast(state.device, dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        if config.scheduler in PER_BATCH_SCHEDULERS:
+            state.scheduler.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+        state.batch += 1
+        if state.batch % config.log_every == 0 or state.batch == state.steps_per_epoch:
+            now = time.perf_counter()
+            window_loss, window_correct = loss_sum.item(), correct.item()
+            epoch_loss, epoch_correct = epoch_loss + window_loss, epoch_correct + window_correct
+            emit("on_batch", batch_record(state, window_loss / seen, window_correct / seen,
+                                          seen / max(now - window_start, 1e-9)))
+            loss_sum.zero_(), correct.zero_()
+            seen, window_start = 0, now
+    return {"loss": epoch_loss / state.n_train, "accuracy": epoch_correct / state.n_train}
+
+
+def batch_record(state: FitState, loss: float, accuracy: float, samples_per_s: float) -> dict:
+    done = state.epoch * state.steps_per_epoch + state.batch
+    total = state.config.epochs * state.steps_per_epoch
+    elapsed = time.perf_counter() - state.started
+    return {"event": "batch", "epoch": state.epoch + 1, "batch": state.batch, "batches": state.steps_per_epoch,
+            "step": done, "steps": total, "loss": loss, "accuracy": accuracy, "samples_per_s": samples_per_s,
+            "lr": state.optimizer.param_groups[0]["lr"], "elapsed": elapsed,
+            "eta": elapsed / done * (total - done), "time": time.time()}
+
+
+def end_epoch(state: FitState, splits: Splits, train: dict, dtype) -> dict:
+    """Validate, step the plateau scheduler, keep a copy of the best weights, build the epoch record."""
+    config, history = state.config, state.history
+    val = evaluate(state.model, splits.val_x, splits.val_y, config, detailed=False, amp_dtype=dtype)
+    if config.scheduler == "plateau":
+        state.scheduler.step(val["loss"])
+    state.epoch += 1
+    state.improved = val["loss"] < history.best_val_loss
+    if state.improved:
+        history.best_val_loss, history.best_val_accuracy, history.best_epoch = val["loss"], val["accuracy"], state.epoch
+        # a copy, not a live reference: later steps must not change the weights we restore
+        state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        state.bad_epochs = 0
+    else:
+        state.bad_epochs += 1
+    elapsed = time.perf_counter() - state.started
+    record = {"event": "epoch", "epoch": state.epoch, "epochs": config.epochs,
+              "train_loss": train["loss"], "train_accuracy": train["accuracy"], "train_error": 1 - train["accuracy"],
+              "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_error": val["error"],
+              "lr": state.optimizer.param_groups[0]["lr"], "epoch_seconds": elapsed - sum_epoch_seconds(history),
+              "elapsed": elapsed, "eta": elapsed / state.epoch * (config.epochs - state.epoch),
+              "best_epoch": history.best_epoch, "improved": state.improved, "time": time.time()}
+    history.epochs.append(record)
+    return record
+
+
+def sum_epoch_seconds(history: History) -> float:
+    return sum(r["epoch_seconds"] for r in history.epochs)
+

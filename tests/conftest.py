@@ -1,0 +1,116 @@
+"""Shared fixtures. Tests train on small slices of the real MNIST; every test gets its own saves root."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lstm_core import TrainConfig
+from lstm_core.data import load_mnist
+
+REPO = Path(__file__).resolve().parent.parent
+# The real data, loaded once into the repository's saves/data (IDX files after the first load).
+DATA_DIR = Path(os.environ.get("LSTM_DATA", REPO / "saves" / "data"))
+os.environ["LSTM_DATA"] = str(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    return load_mnist(DATA_DIR)
+
+
+@pytest.fixture
+def saves(tmp_path, monkeypatch) -> Path:
+    """An empty saves root for this test, also exported as LSTM_SAVES for code that reads it."""
+    root = tmp_path / "saves"
+    root.mkdir()
+    monkeypatch.setenv("LSTM_SAVES", str(root))
+    return root
+
+
+def tiny_config(**changes) -> TrainConfig:
+    """A run that takes a second or two on a CPU and learns (~60% validation accuracy after 2 epochs):
+    2,000 training samples, 1,000 for validation."""
+    base = dict(hidden_size=48, epochs=2, batch_size=50, limit_train=2000, val_size=1000, lr=1e-2,
+                optimizer="adam", scheduler="none", log_every=10)
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="session")
+def trained_saves(tmp_path_factory, mnist) -> Path:
+    """A saves root holding one real, completed tiny run (shared by tests that only read it)."""
+    from lstm_core.runs import RunRecorder, create_run
+    from lstm_core.train import fit
+
+    root = tmp_path_factory.mktemp("trained") / "saves"
+    run = create_run(tiny_config(), root)
+    fit(run.config(), [RunRecorder(run)], data=mnist)
+    return root
+
+
+# -- browser tests --
+# A real `streamlit run` server and Debian's Chromium (Playwright's own browser download needs the
+# internet). Tests that use them carry @pytest.mark.browser.
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with code {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.read().decode().strip() == "ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"streamlit did not answer {url}/_stcore/health within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def app_url(trained_saves, tmp_path_factory):
+    """The URL of a `streamlit run streamlit_app.py` server reading the trained saves root."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
+    env = {**os.environ, "LSTM_SAVES": str(trained_saves)}
+    cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port)]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+    except RuntimeError as exc:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{exc}\n{log_path.read_text(errors='replace')}") from None
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    """pytest-playwright's launch options (--headed, --slowmo) plus the local Chromium."""
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}

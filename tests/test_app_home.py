@@ -1,0 +1,59 @@
+"""The home page under AppTest: devices, the no-runs message, the runs table, and a broken saves root."""
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+REPO = Path(__file__).resolve().parent.parent
+HOME = str(REPO / "pages" / "home.py")
+ENTRY = str(REPO / "streamlit_app.py")
+
+
+def run_page(path: str = HOME) -> AppTest:
+    at = AppTest.from_file(path, default_timeout=60)
+    at.run(timeout=60)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_empty_saves_shows_the_no_runs_message(saves):
+    at = run_page()
+    assert [t.value for t in at.title] == ["LSTM Studio"]
+    assert len(at.info) == 1 and "python -m lstm_core train --preset default" in at.info[0].value
+    assert not at.dataframe and not at.error
+    assert any(str(saves / "runs") in c.value for c in at.caption)
+
+
+def test_devices_list_the_cpu(saves):
+    at = run_page()
+    assert any("`cpu`" in m.value for m in at.markdown)
+
+
+def test_runs_table_holds_the_trained_run(trained_saves, monkeypatch):
+    monkeypatch.setenv("LSTM_SAVES", str(trained_saves))
+    (run_id,) = [p.name for p in (trained_saves / "runs").iterdir()]
+    at = run_page()
+    assert not at.info and not at.error
+    table = at.dataframe[0].value
+    assert list(table["id"]) == [run_id]
+    assert list(table["state"]) == ["completed"]
+    evaluation = json.loads((trained_saves / "runs" / run_id / "eval.json").read_text())
+    assert table["test_accuracy"][0] == pytest.approx(100 * evaluation["test_accuracy"])  # shown in percent
+    assert table["duration_s"][0] > 0
+
+
+def test_a_broken_run_folder_shows_an_error_not_a_traceback(saves):
+    run = saves / "runs" / "20260101-000000-abcdef"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "status.json").mkdir()  # unreadable as a file: reading it raises
+    at = run_page()
+    assert len(at.error) == 1 and "Could not read the saved runs" in at.error[0].value
+    assert not at.dataframe
+
+
+def test_entrypoint_routes_to_home(saves):
+    at = run_page(ENTRY)
+    assert [t.value for t in at.title] == ["LSTM Studio"]
+    assert len(at.info) == 1

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from lstm_core.config import TrainConfig, preset
+from lstm_core.models import CNNClassifier, LSTMClassifier, build_model, count_parameters
+
+
+@pytest.mark.parametrize("mode, steps, features", [("rows", 28, 28), ("pixels", 784, 1), ("permuted", 784, 1)])
+def test_lstm_shapes_per_sequence_mode(mode, steps, features):
+    model = build_model(TrainConfig(seq_mode=mode, hidden_size=16, num_layers=2))
+    assert isinstance(model, LSTMClassifier) and model.lstm.input_size == features
+    x = torch.randn(3, steps, features)
+    assert model(x).shape == (3, 10)
+    assert model.forward_steps(x).shape == (3, steps, 10)
+    assert model.hidden_states(x).shape == (3, steps, 16)
+
+
+def test_last_step_of_forward_steps_is_the_prediction():
+    model = LSTMClassifier(28, 24, num_layers=2, dropout=0.3).eval()
+    x = torch.randn(5, 28, 28)
+    assert torch.allclose(model.forward_steps(x)[:, -1], model(x), atol=1e-6)
+
+
+def test_bidirectional_head_reads_both_final_states():
+    model = LSTMClassifier(28, 16, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(4, 28, 28)
+    assert model(x).shape == (4, 10) and model.head.in_features == 32
+    out = model.hidden_states(x)                                   # (B, T, 2H)
+    last = torch.cat([out[:, -1, :16], out[:, 0, 16:]], 1)         # forward after T, backward after step 1
+    assert torch.allclose(model(x), model.head(last), atol=1e-6)
+    with pytest.raises(ValueError, match="unidirectional"):
+        model.forward_steps(x)
+
+
+def test_dropout_only_between_layers_when_there_are_several():
+    assert LSTMClassifier(28, 8, num_layers=1, dropout=0.5).lstm.dropout == 0.0
+    assert LSTMClassifier(28, 8, num_layers=2, dropout=0.5).lstm.dropout == 0.5
+
+
+def test_cnn_shape_and_selection():
+    model = build_model(preset("cnn"))
+    assert isinstance(model, CNNClassifier)
+    assert model.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_parameter_counts_follow_the_config():
+    # 4 gates x (input + hidden + 2 biases) x hidden for one layer, then the head
+    model = build_model(TrainConfig(hidden_size=128, num_layers=1))
+    assert count_parameters(model) == 4 * 128 * (28 + 128 + 2) + 128 * 10 + 10

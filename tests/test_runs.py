@@ -1,0 +1,175 @@
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from lstm_core.config import TrainConfig
+from lstm_core.data import make_splits
+from lstm_core.evaluate import evaluate
+from lstm_core.models import build_model
+from lstm_core.runs import (Run, RunError, RunRecorder, atomic_torch_save, create_run, list_runs, load_checkpoint,
+                            load_model, open_run, read_jsonl, safe_name)
+from lstm_core.train import Callback, fit
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, mnist):
+    root = tmp_path_factory.mktemp("runs")
+    run = create_run(tiny_config(), root)
+    history = fit(run.config(), [RunRecorder(run)], data=mnist)
+    return run, history
+
+
+def test_a_finished_run_has_the_whole_layout(finished):
+    run, history = finished
+    for name in ("config.json", "metrics.jsonl", "status.json", "best.pt", "last.pt", "final_state_dict.pth",
+                 "eval.json", "curves.svg"):
+        assert (run.path / name).is_file(), name
+    assert not list(run.path.glob("*.tmp")) and not list(run.path.glob(".*.tmp"))
+    status = run.status()
+    assert status["state"] == "completed" and status["device"] == "cpu"
+    assert status["pid"] == os.getpid() and status["started_at"] <= status["ended_at"]
+    assert run.config() == tiny_config()
+    events = [r["event"] for r in run.metrics()]
+    assert events[0] == "start" and events[-1] == "end" and events.count("epoch") == 2 and "batch" in events
+    ev = run.eval()
+    assert ev["test_accuracy"] == history.test["accuracy"] and ev["macro_f1"] == history.test["macro_f1"]
+    assert len(ev["confusion_matrix"]) == 10 and sum(map(sum, ev["confusion_matrix"])) == 10000
+    assert len(ev["per_class"]) == 10 and ev["best_epoch"] == history.best_epoch
+
+
+def test_checkpoints_load_safely_and_rebuild_the_model(finished, mnist):
+    run, history = finished
+    ckpt = torch.load(run.last_path, weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"] == tiny_config().to_dict() and ckpt["optimizer"]["state"]
+    model, config = load_model(run.path)
+    splits = make_splits(mnist, config)
+    again = evaluate(model, splits.test_x, splits.test_y, config)
+    assert again["accuracy"] == run.eval()["test_accuracy"]       # the saved model is the tested model
+    plain = build_model(config)
+    plain.load_state_dict(torch.load(run.final_path, weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+
+
+def test_curves_plot_is_a_self_contained_svg(finished):
+    run, _ = finished
+    root = ET.fromstring(run.plot_path.read_text())
+    text = " ".join(t.text or "" for t in root.iter("{http://www.w3.org/2000/svg}text"))
+    assert {"loss", "accuracy", "error", "train", "validation"} <= set(text.split())
+    assert len(list(root.iter("{http://www.w3.org/2000/svg}polyline"))) == 6   # 3 panels x train/val
+    assert "http" not in run.plot_path.read_text().replace("http://www.w3.org/2000/svg", "")
+
+
+def test_list_runs_summarizes(finished):
+    run, history = finished
+    (row,) = list_runs(run.path.parent.parent)
+    assert row["id"] == run.id and row["state"] == "completed" and row["epochs_done"] == 2
+    assert row["best_val_accuracy"] == history.best_val_accuracy and row["test_accuracy"] == history.test["accuracy"]
+    assert row["duration_s"] > 0
+
+
+def test_a_dead_process_reads_as_interrupted(tmp_path):
+    run = create_run(TrainConfig(), tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.write_status(state="running", pid=dead.pid, pid_start=None)
+    assert run.status()["state"] == "interrupted"
+    assert json.loads(run.status_path.read_text())["state"] == "interrupted"   # persisted
+    alive = create_run(TrainConfig(), tmp_path)
+    assert alive.status()["state"] == "queued"                                  # this process is alive
+
+
+def test_a_torn_last_line_is_skipped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"event": "epoch", "epoch": 1}\n{"event": "epoch", "epoch": 2}\n{"event": "ep')
+    assert [r["epoch"] for r in read_jsonl(path)] == [1, 2]
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"a": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        atomic_torch_save({"a": lambda: 0}, path)  # cannot be pickled
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_checkpoints_are_refused_and_never_executed(tmp_path, finished):
+    run, _ = finished
+    good = run.best_path.read_bytes()
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    payload = Payload()
+    payload.marker = tmp_path / "pwned"
+    (tmp_path / "payload.pt").write_bytes(pickle.dumps({"config": {}, "model": payload}))
+    torch.save({"weights": torch.ones(1)}, tmp_path / "foreign.pt")
+    for name in ("corrupt", "truncated", "payload", "foreign"):
+        with pytest.raises(RunError):
+            load_checkpoint(tmp_path / f"{name}.pt")
+    assert not payload.marker.exists()
+    other = torch.load(run.best_path, weights_only=True)
+    other["config"] = TrainConfig(arch="cnn").to_dict()                # weights of another architecture
+    torch.save(other, tmp_path / "other_arch.pt")
+    with pytest.raises(RunError, match="do not fit the cnn model"):
+        load_model(tmp_path / "other_arch.pt")
+    with pytest.raises(RunError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("name", ["../etc", "/etc/passwd", "a/b", "..", "", "x" * 200, "run\x00"])
+def test_run_ids_cannot_leave_the_saves_root(tmp_path, name):
+    with pytest.raises(RunError, match="invalid run id"):
+        safe_name(name)
+    with pytest.raises(RunError):
+        open_run(name, tmp_path)
+
+
+def test_a_stop_mid_epoch_keeps_a_partial_checkpoint_and_reads_cancelled(tmp_path, mnist):
+    run = create_run(tiny_config(epochs=3, log_every=1), tmp_path)
+    stop = threading.Event()
+
+    class StopSoon(Callback):
+        def on_batch(self, state, record):
+            if state.epoch == 1 and state.batch == 5:
+                stop.set()
+
+    fit(run.config(), [RunRecorder(run), StopSoon()], stop=stop, data=mnist)
+    assert run.status()["state"] == "cancelled"
+    last = torch.load(run.last_path, weights_only=True)
+    assert last["partial"] and last["epoch"] == 1
+    assert run.best_path.exists() and run.eval()["stopped"] == "cancelled"
+
+
+def test_a_crash_marks_the_run_failed_with_the_error(tmp_path, mnist):
+    run = create_run(tiny_config(), tmp_path)
+
+    class Crash(Callback):
+        def on_epoch_end(self, state, record):
+            raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError):
+        fit(run.config(), [RunRecorder(run), Crash()], data=mnist)
+    status = run.status()
+    assert status["state"] == "failed" and "out of memory" in status["error"]
+
+
+def test_unreadable_files_do_not_break_listing(tmp_path, finished):
+    run = create_run(TrainConfig(), tmp_path)
+    run.status_path.unlink()
+    run.status_path.mkdir()                        # a directory where a file should be
+    (run.path / "eval.json").write_text("[1, 2]")  # JSON, but not an object
+    rows = list_runs(tmp_path)
+    assert [r["id"] for r in rows] == [run.id] and rows[0]["state"] == "unknown"
+    assert isinstance(Run(run.path).status(), dict)

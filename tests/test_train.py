@@ -1,0 +1,169 @@
+import math
+import threading
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from lstm_core.config import OPTIMIZERS, SCHEDULERS
+from lstm_core.train import Callback, fit
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_run_start(self, state):
+        self.events.append(("start", None))
+
+    def on_batch(self, state, record):
+        self.events.append(("batch", record))
+
+    def on_epoch_end(self, state, record):
+        self.events.append(("epoch", record))
+
+    def on_train_end(self, state):
+        self.events.append(("train_end", None))
+
+    def on_run_end(self, state, history):
+        self.events.append(("end", history))
+
+    def on_exception(self, state, exc):
+        self.events.append(("exception", exc))
+
+    def of(self, kind):
+        return [r for k, r in self.events if k == kind]
+
+
+def test_fit_learns_and_reports_every_event_in_order(mnist):
+    rec = Recorder()
+    history = fit(tiny_config(), [rec], data=mnist)
+    kinds = [k for k, _ in rec.events]
+    assert kinds[0] == "start" and kinds[-2:] == ["train_end", "end"]
+    assert len(rec.of("epoch")) == 2 and len(rec.of("batch")) == 2 * 40 // 10
+    batch = rec.of("batch")[-1]
+    assert {"loss", "accuracy", "samples_per_s", "lr", "eta", "epoch", "batch", "step", "steps"} <= set(batch)
+    assert batch["samples_per_s"] > 0 and batch["step"] == batch["steps"] == 80
+    epoch = rec.of("epoch")[-1]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_error", "lr", "epoch_seconds",
+                "elapsed", "eta"):
+        assert math.isfinite(epoch[key]), key
+    assert epoch["val_error"] == pytest.approx(1 - epoch["val_accuracy"])
+    assert history.epochs[1]["val_loss"] < history.epochs[0]["val_loss"]
+    assert history.best_val_accuracy > 0.4 and history.test["accuracy"] > 0.4      # chance is 0.1
+    assert history.test["n"] == 10000 and history.stopped == "completed"
+
+
+def test_same_seed_same_result_other_seed_other_result(mnist):
+    a, b = fit(tiny_config(epochs=1), data=mnist), fit(tiny_config(epochs=1), data=mnist)
+    c = fit(tiny_config(epochs=1, seed=1), data=mnist)
+    assert a.epochs[0]["val_loss"] == b.epochs[0]["val_loss"] and a.test == b.test
+    assert c.epochs[0]["val_loss"] != a.epochs[0]["val_loss"]
+
+
+class Sabotage(Callback):
+    """After `after` epochs, scramble the weights in place: validation loss must get worse."""
+
+    def __init__(self, after):
+        self.after = after
+        self.snapshots = {}
+
+    def on_epoch_end(self, state, record):
+        self.snapshots[state.epoch] = {k: v.clone() for k, v in state.model.state_dict().items()}
+        if state.epoch >= self.after:
+            with torch.no_grad():
+                for p in state.model.parameters():
+                    p.add_(torch.randn_like(p) * 3)
+
+
+def test_best_weights_are_a_copy_and_are_restored_before_testing(mnist):
+    sabotage = Sabotage(after=2)
+    history = fit(tiny_config(epochs=4, patience=0), [sabotage], data=mnist)
+    assert history.best_epoch == 2 and len(history.epochs) == 4
+    state_after = {}
+
+    class Grab(Callback):
+        def on_run_end(self, state, history):
+            state_after.update({k: v.clone() for k, v in state.model.state_dict().items()})
+
+    fit(tiny_config(epochs=4, patience=0), [Sabotage(after=2), Grab()], data=mnist)
+    snap = sabotage.snapshots[2]
+    assert all(torch.equal(state_after[k], snap[k]) for k in snap)
+    assert history.test["accuracy"] > 0.4
+
+
+def test_early_stopping_on_validation_loss(mnist):
+    history = fit(tiny_config(epochs=10, patience=2), [Sabotage(after=2)], data=mnist)
+    assert history.stopped == "early_stopped"
+    assert len(history.epochs) == 4 and history.best_epoch == 2
+
+
+def test_stop_event_ends_the_run_between_batches_as_cancelled(mnist):
+    stop = threading.Event()
+
+    class StopAfterThree(Recorder):
+        def on_batch(self, state, record):
+            super().on_batch(state, record)
+            if len(self.of("batch")) == 3:
+                stop.set()
+
+    rec = StopAfterThree()
+    history = fit(tiny_config(epochs=3, log_every=1), [rec], stop=stop, data=mnist)
+    assert history.stopped == "cancelled" and history.epochs == []
+    assert len(rec.of("batch")) == 3 and rec.of("end")            # the run still ends cleanly
+    assert history.test is not None
+
+
+def test_callback_can_request_a_stop_and_a_callable_stop_works(mnist):
+    class StopAtEpochOne(Callback):
+        def on_epoch_end(self, state, record):
+            state.should_stop = True
+
+    assert len(fit(tiny_config(epochs=3), [StopAtEpochOne()], data=mnist).epochs) == 1
+    calls = []
+    history = fit(tiny_config(epochs=3), stop=lambda: calls.append(1) or len(calls) > 50, data=mnist)
+    assert history.stopped == "cancelled" and len(history.epochs) == 1
+
+
+def test_exceptions_reach_callbacks_and_propagate(mnist):
+    class Boom(Recorder):
+        def on_batch(self, state, record):
+            raise RuntimeError("disk full")
+
+    rec = Boom()
+    with pytest.raises(RuntimeError, match="disk full"):
+        fit(tiny_config(), [rec], data=mnist)
+    assert isinstance(rec.of("exception")[0], RuntimeError)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_trains(mnist, optimizer):
+    lr = {"sgd": 0.1, "rmsprop": 2e-3}.get(optimizer, 1e-2)
+    history = fit(tiny_config(optimizer=optimizer, lr=lr, epochs=2), data=mnist)
+    assert history.epochs[-1]["val_loss"] < math.log(10) - 0.1    # better than uniform guessing
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_sets_the_learning_rate(mnist, scheduler):
+    rec = Recorder()
+    fit(tiny_config(scheduler=scheduler, epochs=2, lr=5e-3), [rec], data=mnist)
+    lrs = [r["lr"] for r in rec.of("batch")]
+    if scheduler in ("onecycle", "cosine"):
+        assert lrs[-1] < 5e-3 * 0.05                                   # annealed to ~0 by the last batch
+        assert max(lrs) <= 5e-3 + 1e-12
+    else:
+        assert lrs[0] == pytest.approx(5e-3)
+
+
+def test_bf16_autocast_on_cpu_trains(mnist):
+    history = fit(tiny_config(amp="bf16"), data=mnist)
+    assert history.test["accuracy"] > 0.3
+
+
+@pytest.mark.parametrize("changes", [dict(seq_mode="pixels", hidden_size=16, limit_train=100, batch_size=50),
+                                     dict(seq_mode="permuted", hidden_size=16, limit_train=100, batch_size=50),
+                                     dict(bidirectional=True, num_layers=2, dropout=0.2),
+                                     dict(arch="cnn", aug_rotate=10, aug_translate=0.1)])
+def test_other_architectures_and_modes_train(mnist, changes):
+    history = fit(tiny_config(epochs=1, **changes), data=mnist)
+    assert math.isfinite(history.epochs[0]["val_loss"]) and history.test["n"] == 10000
