@@ -16,6 +16,10 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Speed and accuracy figures (the README's table); BENCH_ARGS="--full default" also trains to the end.
+bench: $(VENV)/.installed
+	$(PY) -m lstm_core.bench $(BENCH_ARGS)
+
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 

@@ -94,12 +94,12 @@ def command_train(args: argparse.Namespace) -> int:
         resolve_device(config.device)
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
-    mnist = load_mnist(args.data_dir)
-    run = create_run(config, args.saves)
-    print(run.path, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())  # cooperative: the run ends between batches, checkpointed
+    mnist = load_mnist(args.data_dir)
+    run = create_run(config, args.saves)
+    print(run.path, flush=True)
     history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist)
     summary = history.summary()
     test_acc = summary["test_accuracy"]

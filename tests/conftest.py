@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from lstm_core import TrainConfig
+from lstm_core.config import NO_AUGMENTATION
 from lstm_core.data import load_mnist
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +39,7 @@ def tiny_config(**changes) -> TrainConfig:
     """A run that takes a second or two on a CPU and learns (~60% validation accuracy after 2 epochs):
     2,000 training samples, 1,000 for validation."""
     base = dict(hidden_size=48, epochs=2, batch_size=50, limit_train=2000, val_size=1000, lr=1e-2,
-                optimizer="adam", scheduler="none", log_every=10)
+                optimizer="adam", scheduler="none", log_every=10, **NO_AUGMENTATION)
     return TrainConfig(**{**base, **changes})
 
 
@@ -52,11 +58,6 @@ def trained_saves(tmp_path_factory, mnist) -> Path:
 # -- browser tests --
 # A real `streamlit run` server and Debian's Chromium (Playwright's own browser download needs the
 # internet). Tests that use them carry @pytest.mark.browser.
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

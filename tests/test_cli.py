@@ -1,0 +1,120 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA_DIR, REPO, tiny_config
+
+TINY = ["--hidden-size", "48", "--epochs", "2", "--batch-size", "50", "--limit-train", "2000", "--val-size", "1000",
+        "--lr", "0.01", "--optimizer", "adam", "--scheduler", "none"]
+
+
+def cli(*args, saves, check=False, timeout=300):
+    env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
+    result = subprocess.run([sys.executable, "-m", "lstm_core", *map(str, args)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_train_prints_the_run_dir_first_and_a_json_summary_last(tmp_path):
+    result = cli("train", *TINY, "--json", saves=tmp_path, check=True)
+    lines = result.stdout.strip().splitlines()
+    run_dir = Path(lines[0])
+    summary = json.loads(lines[-1])
+    assert run_dir.parent == tmp_path / "runs" and summary["run_dir"] == str(run_dir)
+    assert {"test_accuracy", "macro_f1", "train_seconds"} <= set(summary) and summary["test_accuracy"] > 0.4
+    assert lines[1].startswith("completed: 2 epoch(s)")
+    assert json.loads((run_dir / "eval.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+    assert "epoch 2/2" in result.stderr                      # progress goes to stderr, results to stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["hidden_size"] == 48 and config["optimizer"] == "adam"
+
+    evaluation = json.loads(cli("evaluate", run_dir.name, saves=tmp_path, check=True).stdout)
+    assert evaluation["test_accuracy"] == summary["test_accuracy"] and len(evaluation["confusion_matrix"]) == 10
+    from_file = json.loads(cli("evaluate", run_dir / "best.pt", saves=tmp_path, check=True).stdout)
+    assert from_file["macro_f1"] == evaluation["macro_f1"]
+
+    table = cli("runs", saves=tmp_path, check=True).stdout
+    assert run_dir.name in table and "completed" in table
+    rows = json.loads(cli("runs", "--json", saves=tmp_path, check=True).stdout)
+    assert rows[0]["id"] == run_dir.name
+
+
+def test_presets_config_files_and_flags_layer_in_that_order(tmp_path):
+    config_file = tmp_path / "c.toml"
+    config_file.write_text('hidden_size = 40\nseed = 7\nbatch_size = 50\n')
+    result = cli("train", "--preset", "tutorial", "--config", config_file, "--hidden-size", "24", "--epochs", "1",
+                 "--limit-train", "500", "--val-size", "500", "--patience", "3", saves=tmp_path, check=True)
+    config = json.loads((Path(result.stdout.splitlines()[0]) / "config.json").read_text())
+    assert config["num_layers"] == 3 and config["dropout"] == 0.47   # preset
+    assert config["seed"] == 7 and config["batch_size"] == 50        # file
+    assert config["hidden_size"] == 24 and config["patience"] == 3   # flags
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--hidden-size", "-5"], "hidden_size must be between 1 and 4096, got -5"),
+    (["--hidden-size", "abc"], "invalid int value: 'abc'"),
+    (["--lr", "fast"], "invalid float value"),
+    (["--seq-mode", "columns"], "invalid choice: 'columns'"),
+    (["--preset", "turbo"], "invalid choice: 'turbo'"),
+    (["--dropout", "2"], "dropout must be between 0 and 0.9"),
+    (["--device", "cuda:7"], "device 'cuda:7' was asked for"),
+    (["--device", "tpu"], "device must be auto, cpu"),
+    (["--limit-train", "10"], "limit_train (10) must be at least batch_size"),
+    (["--config", "missing.json"], "cannot read config file"),
+    (["--unknown-flag"], "unrecognized arguments"),
+])
+def test_bad_flags_exit_2_with_one_message_and_write_nothing(tmp_path, args, message):
+    result = cli("train", *args, saves=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"hidden_size": 64,', "not valid JSON"),
+    ('{"hiden_size": 64}', "unknown config key 'hiden_size'"),
+    ('{"hidden_size": "big"}', "hidden_size must be a whole number"),
+    ('[1, 2]', "must hold an object"),
+])
+def test_bad_config_files_exit_2(tmp_path, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    result = cli("train", "--config", tmp_path / "bad.json", saves=tmp_path / "saves")
+    assert result.returncode == 2 and message in result.stderr and not (tmp_path / "saves" / "runs").exists()
+
+
+def test_evaluate_and_runs_refuse_bad_paths(tmp_path):
+    for target in ("../../etc", "nope"):
+        result = cli("evaluate", target, saves=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    result = cli("evaluate", tmp_path / "junk.pt", saves=tmp_path)
+    assert result.returncode == 2 and "not a readable checkpoint" in result.stderr
+    assert "no runs yet" in cli("runs", saves=tmp_path / "empty", check=True).stdout
+
+
+def test_sigterm_stops_cooperatively_and_keeps_a_checkpoint(tmp_path):
+    env = {**os.environ, "LSTM_SAVES": str(tmp_path), "LSTM_DATA": str(DATA_DIR)}
+    proc = subprocess.Popen([sys.executable, "-m", "lstm_core", "train", "--hidden-size", "32", "--epochs", "50",
+                             "--limit-train", "20000", "--log-every", "5", "--json"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = Path(proc.stdout.readline().strip())
+    deadline = time.time() + 120
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and '"event": "batch"' in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["state"] == "cancelled"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "cancelled" and (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists()
