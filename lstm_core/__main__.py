@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -68,6 +69,8 @@ def build_parser() -> Parser:
     train.add_argument("--saves", metavar="DIR", help="saves root (default: $LSTM_SAVES or ./saves)")
     train.add_argument("--data-dir", metavar="DIR", help="MNIST folder (default: $LSTM_DATA or SAVES/data)")
     train.add_argument("--json", action="store_true", help="end stdout with one JSON summary line")
+    train.add_argument("--run-dir", metavar="DIR", help="train the queued run in DIR (made by the app); "
+                       "its config.json is the config, so no other config flags are allowed")
     add_config_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="test-set metrics of a run or checkpoint, as JSON")
@@ -85,22 +88,41 @@ def build_parser() -> Parser:
 # -- train -------------------------------------------------------------------------------------
 def command_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
-    from .devices import resolve_device
-    from .runs import RunRecorder, create_run
+    from .jobs import StopRequest, device_key, device_lock
+    from .runs import RunRecorder, create_run, process_start_time
     from .train import fit
 
-    config = config_from_args(args)
+    stop_event = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop_event.set())  # cooperative: the run ends between batches, checkpointed
+    if args.run_dir:
+        run = queued_run(args)
+        config = run.config()
+    else:
+        config = config_from_args(args)
     try:
-        resolve_device(config.device)
+        device = device_key(config.device)
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())  # cooperative: the run ends between batches, checkpointed
     mnist = load_mnist(args.data_dir)
-    run = create_run(config, args.saves)
+    if not args.run_dir:
+        run = create_run(config, args.saves)
     print(run.path, flush=True)
-    history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist)
+    run.write_status(pid=os.getpid(), pid_start=process_start_time(os.getpid()))
+    stop = StopRequest(run, stop_event)
+
+    def waiting(holder: str | None) -> None:
+        run.write_status(waiting_for=holder or "another process")
+        print(f"{device} is busy with {'run ' + holder if holder else 'another process'}: queued until it ends",
+              file=sys.stderr, flush=True)
+
+    with device_lock(device, run.id, args.saves, stop=stop, on_wait=waiting) as acquired:
+        if not acquired:
+            run.write_status(state="cancelled", ended_at=time.time(), waiting_for=None)
+            print(f"cancelled while queued -> {run.path}", flush=True)
+            return 0
+        run.write_status(waiting_for=None)
+        history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist)
     summary = history.summary()
     test_acc = summary["test_accuracy"]
     print(f"{history.stopped}: {len(history.epochs)} epoch(s) in {history.train_seconds:.1f} s, "
@@ -111,6 +133,22 @@ def command_train(args: argparse.Namespace) -> int:
                           "macro_f1": summary["macro_f1"], "train_seconds": history.train_seconds,
                           "best_val_accuracy": history.best_val_accuracy, "epochs": len(history.epochs)}))
     return 0
+
+
+def queued_run(args: argparse.Namespace):
+    """The run directory named by --run-dir, which must be queued and carry its own config."""
+    from .runs import Run, RunError
+
+    given = [flag(f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None]
+    if given or args.config or args.preset != "default":
+        raise UsageError(f"--run-dir trains the config stored in the run; drop {(given or ['--config/--preset'])[0]}")
+    run = Run(Path(args.run_dir).resolve())
+    if not run.config_path.exists():
+        raise RunError(f"{run.path} is not a run directory (no config.json)")
+    state = run.status().get("state")
+    if state != "queued":
+        raise RunError(f"run {run.id} is {state}, not queued: only a queued run can be started")
+    return run
 
 
 class ProgressPrinter:

@@ -41,7 +41,7 @@ def resolve_device(name: str) -> torch.device:
     """'auto' becomes cuda, then mps, then cpu; a named device that is absent is a clear error."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -52,6 +52,8 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise RuntimeError(f"device {name!r} was asked for, but only {torch.cuda.device_count()} "
                                "CUDA GPU(s) are present")
+        if device.index is None:  # name the GPU: "cuda" and "cuda:0" must be one device everywhere
+            device = torch.device("cuda", torch.cuda.current_device())
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeError("device 'mps' was asked for, but Apple's MPS backend is not available here")
     return device

@@ -1,0 +1,163 @@
+"""The Train page in-process (AppTest); training itself runs in real background processes."""
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import fields
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO
+from lstm_core.__main__ import build_parser, config_from_args
+from lstm_core.config import TrainConfig, preset
+from lstm_core.jobs import request_stop
+from lstm_core.runs import create_run, open_run
+
+PAGE = str(REPO / "pages" / "train.py")
+TINY = {"hidden_size": 48, "epochs": 1, "batch_size": 50, "limit_train": 2000, "val_size": 1000, "lr": 0.01,
+        "optimizer": "adam", "scheduler": "none", "aug_rotate": 0.0, "aug_translate": 0.0, "aug_scale": 0.0,
+        "log_every": 5}
+LONG = {**TINY, "epochs": 50, "limit_train": 20000}
+
+
+def page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    return at
+
+
+def set_widgets(at: AppTest, values: dict) -> AppTest:
+    for name, value in values.items():
+        for kind in ("slider", "number_input", "selectbox", "toggle"):
+            found = [w for w in getattr(at, kind) if w.key == name]
+            if found:
+                found[0].set_value(value)
+                break
+        else:
+            raise AssertionError(f"no widget for {name}")
+    return at.run()
+
+
+def start(at: AppTest) -> str:
+    (button,) = [b for b in at.button if b.label == "Start training"]
+    button.click().run()
+    assert not at.exception
+    return at.session_state["train_run"]
+
+
+def wait_for(run_id: str, states, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = open_run(run_id).status()
+        if status.get("state") in states:
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"run {run_id} still {open_run(run_id).status()} after {timeout} s")
+
+
+def wait_for_batches(run_id: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not any(r["event"] == "batch" for r in open_run(run_id).metrics()):
+        time.sleep(0.2)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def test_every_config_field_has_a_widget_and_the_form_matches_the_default_preset(saves):
+    at = page()
+    keys = {w.key for kind in ("slider", "number_input", "selectbox", "toggle") for w in getattr(at, kind)}
+    assert {f.name for f in fields(TrainConfig)} <= keys
+    default = preset("default")
+    assert at.slider(key="hidden_size").value == default.hidden_size
+    assert at.number_input(key="lr").value == default.lr
+    assert any("No runs yet" in i.value for i in at.info)
+
+
+def test_a_preset_fills_the_widgets(saves):
+    at = page()
+    at.selectbox(key="preset").set_value("bilstm").run()
+    assert at.toggle(key="bidirectional").value is True
+    assert (at.slider(key="num_layers").value, at.slider(key="hidden_size").value) == (2, 128)
+    assert at.selectbox(key="scheduler").value == "plateau" and at.slider(key="aug_rotate").value == 10.0
+    at.selectbox(key="preset").set_value("tutorial").run()
+    assert (at.slider(key="num_layers").value, at.slider(key="hidden_size").value) == (3, 95)
+    assert at.number_input(key="weight_decay").value == pytest.approx(5.36e-6)
+
+
+def test_copy_as_command_is_the_same_config_on_the_command_line(saves):
+    at = set_widgets(page(), {"hidden_size": 64, "bidirectional": True, "lr": 0.002, "seq_mode": "pixels"})
+    (command,) = [c.value for c in at.code]
+    assert "--hidden-size 64" in command and "--bidirectional" in command
+    widgets = TrainConfig(**{f.name: at.session_state[f.name] for f in fields(TrainConfig)})
+    args = build_parser().parse_args(shlex.split(command)[3:])
+    assert config_from_args(args) == widgets
+
+
+def test_an_invalid_combination_is_explained_and_cannot_start(saves):
+    at = set_widgets(page(), {"batch_size": 256, "limit_train": 100})
+    assert any("limit_train (100) must be at least batch_size (256)" in e.value for e in at.error)
+    (button,) = [b for b in at.button if b.label == "Start training"]
+    assert button.disabled
+
+
+def test_start_launches_a_background_run_that_completes_and_shows_its_results(saves):
+    at = set_widgets(page(), TINY)
+    run_id = start(at)
+    assert open_run(run_id).config().hidden_size == 48
+    status = wait_for(run_id, {"completed", "failed"})
+    assert status["state"] == "completed", (open_run(run_id).path / "train.log").read_text()
+    at.run()
+    assert not at.exception
+    figures = charts(at)
+    curves = figures[0]
+    assert [t["name"] for t in curves["data"]][:2] == ["train", "validation"]
+    assert curves["data"][1]["y"] == [r["val_loss"] for r in open_run(run_id).epochs()]
+    heatmap = figures[-1]["data"][0]
+    assert heatmap["type"] == "heatmap" and sum(map(sum, heatmap["z"])) == 10000
+    test_accuracy = open_run(run_id).eval()["test_accuracy"]
+    assert f"{test_accuracy:.2%}" in [m.value for m in at.metric]
+
+
+def test_stop_ends_a_run_as_cancelled_with_its_checkpoint(saves):
+    at = set_widgets(page(), LONG)
+    run_id = start(at)
+    wait_for_batches(run_id)
+    at.run()
+    (stop,) = [b for b in at.button if b.label == "Stop"]
+    stop.click().run()
+    status = wait_for(run_id, {"cancelled", "completed", "failed"})
+    assert status["state"] == "cancelled"
+    run = open_run(run_id)
+    assert run.last_path.exists() and run.best_path.exists() and len(run.epochs()) < 50
+    at.run()
+    assert "state **cancelled**" in " ".join(m.value for m in at.markdown)
+
+
+def test_a_second_run_on_the_same_device_is_queued_behind_the_first(saves):
+    at = set_widgets(page(), LONG)
+    first = start(at)
+    wait_for(first, {"running"})
+    second = start(at)
+    assert any(f"busy with run {first}" in i.value and "queued" in i.value for i in at.info)
+    time.sleep(2)
+    assert open_run(second).status()["state"] == "queued"
+    assert open_run(second).status().get("waiting_for") == first
+    for run_id in (second, first):
+        request_stop(open_run(run_id))
+    assert wait_for(second, {"cancelled"})["state"] == "cancelled"
+    assert wait_for(first, {"cancelled"})["state"] == "cancelled"
+    assert open_run(second).epochs() == []                       # it never trained alongside the first
+
+
+def test_a_run_whose_process_died_shows_as_interrupted(saves):
+    run = create_run(TrainConfig(), saves)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run.write_status(state="running", pid=dead.pid, pid_start=None)
+    at = page()
+    assert "state **interrupted**" in " ".join(m.value for m in at.markdown)
+    assert any("ended without finishing" in w.value for w in at.warning)
