@@ -1,6 +1,7 @@
 """Shared fixtures. Tests train on small slices of the real MNIST; every test gets its own saves root."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -85,12 +86,12 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> Non
     raise RuntimeError(f"streamlit did not answer {url}/_stcore/health within {timeout:.0f} s")
 
 
-@pytest.fixture(scope="session")
-def app_url(trained_saves, tmp_path_factory):
-    """The URL of a `streamlit run streamlit_app.py` server reading the trained saves root."""
+@contextlib.contextmanager
+def streamlit_server(saves: Path, log_dir: Path):
+    """A real `streamlit run streamlit_app.py` on a free port, reading `saves`; yields its URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("streamlit") / "server.log"
-    env = {**os.environ, "LSTM_SAVES": str(trained_saves)}
+    log_path = log_dir / f"streamlit-{port}.log"
+    env = {**os.environ, "LSTM_SAVES": str(saves)}
     cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port)]
     with open(log_path, "wb") as log:
@@ -102,13 +103,22 @@ def app_url(trained_saves, tmp_path_factory):
         proc.kill()
         proc.wait()
         raise RuntimeError(f"{exc}\n{log_path.read_text(errors='replace')}") from None
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def app_url(trained_saves, tmp_path_factory):
+    """The URL of a streamlit server reading the trained saves root."""
+    with streamlit_server(trained_saves, tmp_path_factory.mktemp("streamlit")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,54 @@
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, tiny_config
+from lstm_core.jobs import delete_run, device_holder, device_lock, request_stop
+from lstm_core.runs import RunError, create_run
+
+
+def test_a_held_device_makes_others_wait_and_names_its_holder(saves):
+    holder = create_run(tiny_config(), saves, state="running")
+    waiting = []
+    with device_lock("cpu", holder.id, saves) as acquired:
+        assert acquired and device_holder("cpu", saves) == holder.id
+        # another process asks for the same device: it waits, hears who holds it, and gives up on stop
+        code = ("import sys; from lstm_core.jobs import device_lock\n"
+                "with device_lock('cpu', 'other', sys.argv[1], stop=lambda: True,"
+                " on_wait=lambda h: print('waiting for', h)) as ok: print('acquired', ok)")
+        out = subprocess.run([sys.executable, "-c", code, str(saves)], cwd=REPO, capture_output=True, text=True,
+                             timeout=120).stdout
+        waiting.append(out)
+    assert f"waiting for {holder.id}" in waiting[0] and "acquired False" in waiting[0]
+    assert device_holder("cpu", saves) is None                       # released, owner cleared
+    with device_lock("cpu", "next", saves) as acquired:             # free again
+        assert acquired
+
+
+def test_the_lock_dies_with_its_process(saves):
+    code = ("import sys, time; from lstm_core.jobs import device_lock\n"
+            "with device_lock('cpu', 'gone', sys.argv[1]): print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(saves)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    proc.kill()
+    proc.wait()
+    started = time.time()
+    with device_lock("cpu", "after", saves) as acquired:
+        assert acquired and time.time() - started < 5
+
+
+def test_stop_signals_the_training_process_and_delete_waits_for_the_end(saves):
+    run = create_run(tiny_config(), saves)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run.write_status(state="running", pid=worker.pid, pid_start=None)
+    with pytest.raises(RunError, match="stop it before deleting it"):
+        delete_run(run)
+    request_stop(run)
+    assert (run.path / "STOP").exists()                              # read between batches, even after restarts
+    assert worker.wait(timeout=10) == -signal.SIGTERM
+    assert run.status()["state"] == "interrupted"                    # this stand-in never wrote "cancelled"
+    delete_run(run)
+    assert not run.path.exists()
