@@ -4,4 +4,7 @@ import streamlit as st
 st.set_page_config(page_title="LSTM Studio", layout="wide")
 st.navigation([
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/draw.py", title="Draw", icon=":material/draw:"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/table_chart:"),
 ]).run()

@@ -137,14 +137,12 @@ def command_train(args: argparse.Namespace) -> int:
 
 def queued_run(args: argparse.Namespace):
     """The run directory named by --run-dir, which must be queued and carry its own config."""
-    from .runs import Run, RunError
+    from .runs import RunError, run_at
 
     given = [flag(f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None]
     if given or args.config or args.preset != "default":
         raise UsageError(f"--run-dir trains the config stored in the run; drop {(given or ['--config/--preset'])[0]}")
-    run = Run(Path(args.run_dir).resolve())
-    if not run.config_path.exists():
-        raise RunError(f"{run.path} is not a run directory (no config.json)")
+    run = run_at(args.run_dir)
     state = run.status().get("state")
     if state != "queued":
         raise RunError(f"run {run.id} is {state}, not queued: only a queued run can be started")
@@ -195,11 +193,11 @@ def command_evaluate(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .devices import resolve_device
     from .evaluate import evaluate
-    from .runs import load_model, open_run
+    from .runs import load_model, open_run, run_at
 
     path = Path(args.path)
     if not path.is_file():
-        path = open_run(args.path, args.saves).path
+        path = (run_at(path) if path.is_dir() else open_run(args.path, args.saves)).path
     try:
         device = resolve_device(args.device)
     except RuntimeError as exc:

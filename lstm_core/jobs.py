@@ -143,6 +143,7 @@ def request_stop(run: Run) -> None:
 
 def delete_run(run: Run) -> None:
     """Remove a run directory; a queued or running run must be stopped first."""
-    if run.status().get("state") in LIVE_STATES:
-        raise RunError(f"run {run.id} is still {run.status()['state']}: stop it before deleting it")
+    state = run.status().get("state")
+    if state in LIVE_STATES:
+        raise RunError(f"run {run.id} is still {state}: stop it before deleting it")
     shutil.rmtree(run.path)

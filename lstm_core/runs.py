@@ -106,7 +106,7 @@ def read_jsonl(path: Path) -> list[dict]:
     """Every complete JSON line; a torn or corrupt line (a killed writer) is skipped."""
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
+    except OSError:
         return []
     out = []
     for line in lines:
@@ -229,14 +229,19 @@ def create_run(config: TrainConfig, root: str | Path | None = None, path: str | 
     return run
 
 
-def open_run(run_id_or_path: str | Path, root: str | Path | None = None) -> Run:
-    """A run by id (inside the saves root's runs/) or by a directory path given by the operator."""
-    candidate = Path(run_id_or_path)
-    if candidate.is_dir() and (candidate / "config.json").exists():
-        return Run(candidate.resolve())
-    run = Run(runs_dir(root) / safe_name(str(run_id_or_path)))
+def open_run(run_id: str, root: str | Path | None = None) -> Run:
+    """A run by id, inside the saves root's runs/ (an id with '/' or '..' is refused)."""
+    run = Run(runs_dir(root) / safe_name(str(run_id)))
     if not run.config_path.exists():
-        raise RunError(f"no run {str(run_id_or_path)!r} in {runs_dir(root)}")
+        raise RunError(f"no run {str(run_id)!r} in {runs_dir(root)}")
+    return run
+
+
+def run_at(path: str | Path) -> Run:
+    """A run directory named by the operator (the CLI), wherever it is."""
+    run = Run(Path(path).resolve())
+    if not run.config_path.exists():
+        raise RunError(f"{run.path} is not a run directory (no config.json)")
     return run
 
 
@@ -252,6 +257,14 @@ def list_runs(root: str | Path | None = None) -> list[dict]:
             out.append(summarize(Run(path)))
     when = lambda r: r["created_at"] if isinstance(r["created_at"], (int, float)) else 0.0  # noqa: E731
     return sorted(out, key=lambda r: (when(r), r["id"]), reverse=True)
+
+
+def list_models(root: str | Path | None = None) -> list[dict]:
+    """Every run with a usable best.pt (completed or stopped early by the user), best validation
+    accuracy first: what the Draw page can predict with."""
+    rows = [r for r in list_runs(root) if r["state"] in ("completed", "cancelled")
+            and (Path(r["path"]) / "best.pt").exists()]
+    return sorted(rows, key=lambda r: -(r["best_val_accuracy"] or 0.0))
 
 
 def summarize(run: Run) -> dict:

@@ -5,29 +5,22 @@ import streamlit as st
 from lstm_core.devices import available_devices
 from lstm_core.runs import list_runs, saves_root
 
-# `path` is left out: the saves root is shown once above the table instead of on every row.
+RECENT = 8  # the newest runs shown here; the Runs page has them all
 COLUMNS = {
-    "id": st.column_config.TextColumn("Run", pinned=True),
+    "id": st.column_config.TextColumn("Run"),
     "state": st.column_config.TextColumn("State"),
-    "arch": st.column_config.TextColumn("Model"),
-    "seq_mode": st.column_config.TextColumn("Sequence"),
-    "hidden_size": st.column_config.NumberColumn("Hidden size"),
-    "num_layers": st.column_config.NumberColumn("Layers"),
-    "bidirectional": st.column_config.CheckboxColumn("Bidirectional"),
-    "optimizer": st.column_config.TextColumn("Optimizer"),
-    "lr": st.column_config.NumberColumn("Learning rate", format="%g"),
-    "batch_size": st.column_config.NumberColumn("Batch size"),
-    "epochs_done": st.column_config.NumberColumn("Epochs done"),
-    "epochs": st.column_config.NumberColumn("Epochs"),
-    # shown as percentages with fixed decimals (the "percent" preset trims zeros unevenly)
-    "best_val_accuracy": st.column_config.NumberColumn("Best val accuracy", format="%.2f%%"),
+    "model": st.column_config.TextColumn("Model"),
     "test_accuracy": st.column_config.NumberColumn("Test accuracy", format="%.2f%%"),
-    "macro_f1": st.column_config.NumberColumn("Macro F1", format="%.3f"),
-    "duration_s": st.column_config.NumberColumn("Duration", format="%.1f s"),
+    "duration_s": st.column_config.NumberColumn("Duration", format="%.0f s"),
     "device": st.column_config.TextColumn("Device"),
-    # run ids are UTC timestamps too, so the two read the same
-    "created_at": st.column_config.DatetimeColumn("Created (UTC)", format="YYYY-MM-DD HH:mm:ss"),
 }
+
+
+def model_label(run: dict) -> str:
+    if run["arch"] == "cnn":
+        return "CNN"
+    kind = "BiLSTM" if run["bidirectional"] else "LSTM"
+    return f"{kind} {run['num_layers']}x{run['hidden_size']}, {run['seq_mode']}"
 
 
 def home() -> None:
@@ -57,14 +50,17 @@ def home() -> None:
         st.error(f"Could not read the saved runs: {type(exc).__name__}: {exc}")
         return
     if not runs:
-        st.info("No runs yet. Train one from a terminal with `python -m lstm_core train --preset default` "
-                "(the Train page will do this from here once it lands), then refresh this page.")
+        st.info("No runs yet: start one on the Train page, or from a terminal with "
+                "`python -m lstm_core train --preset default`.")
+        st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
         return
-    table = pd.DataFrame(runs)
-    table["created_at"] = pd.to_datetime(table["created_at"], unit="s", errors="coerce")
-    for column in ("best_val_accuracy", "test_accuracy"):
-        table[column] = pd.to_numeric(table[column], errors="coerce") * 100
+    table = pd.DataFrame([{**r, "model": model_label(r)} for r in runs[:RECENT]])
+    table["test_accuracy"] = pd.to_numeric(table["test_accuracy"], errors="coerce") * 100
     st.dataframe(table, hide_index=True, column_order=list(COLUMNS), column_config=COLUMNS)
+    if len(runs) > RECENT:
+        st.caption(f"The {RECENT} newest of {len(runs)} runs.")
+    st.page_link("pages/runs.py", label="All runs: compare curves, download weights, delete",
+                 icon=":material/table_chart:")
 
 
 home()

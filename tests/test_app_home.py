@@ -6,11 +6,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 REPO = Path(__file__).resolve().parent.parent
-HOME = str(REPO / "pages" / "home.py")
 ENTRY = str(REPO / "streamlit_app.py")
 
 
-def run_page(path: str = HOME) -> AppTest:
+def run_page(path: str = ENTRY) -> AppTest:
+    """Home through the entrypoint (its default page), so its links to other pages resolve."""
     at = AppTest.from_file(path, default_timeout=60)
     at.run(timeout=60)
     assert not at.exception, [e.value for e in at.exception]

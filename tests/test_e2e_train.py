@@ -4,7 +4,7 @@ from playwright.sync_api import Page, expect
 
 from conftest import streamlit_server
 from lstm_core.jobs import request_stop
-from lstm_core.runs import open_run
+from lstm_core.runs import run_at
 
 pytestmark = pytest.mark.browser
 
@@ -16,7 +16,7 @@ def train_url(tmp_path_factory):
     with streamlit_server(saves, tmp_path_factory.mktemp("e2e-train-log")) as url:
         yield url, saves
     for run in (saves / "runs").iterdir():        # training outlives the server by design: stop it here
-        request_stop(open_run(run))
+        request_stop(run_at(run))
 
 
 def curve_points(page: Page) -> int:
