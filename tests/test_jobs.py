@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from lstm_core.jobs import delete_run, device_holder, device_lock, request_stop
-from lstm_core.runs import RunError, create_run
+from lstm_core.runs import RunError, create_run, open_run
 
 
 def test_a_held_device_makes_others_wait_and_names_its_holder(saves):
@@ -52,3 +53,18 @@ def test_stop_signals_the_training_process_and_delete_waits_for_the_end(saves):
     assert run.status()["state"] == "interrupted"                    # this stand-in never wrote "cancelled"
     delete_run(run)
     assert not run.path.exists()
+
+
+def test_a_launched_run_outlives_the_process_that_started_it(saves):
+    """The app's server may restart mid-run: the training process is detached from it."""
+    code = ("import sys; from conftest import tiny_config; from lstm_core.jobs import launch_training\n"
+            "print(launch_training(tiny_config(epochs=1), sys.argv[1]).id)")
+    launcher = subprocess.run([sys.executable, "-c", code, str(saves)], cwd=REPO / "tests", capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    run_id = launcher.stdout.strip()                       # the launcher has exited by now
+    run = open_run(run_id, saves)
+    deadline = time.time() + 120
+    while time.time() < deadline and run.status()["state"] in ("queued", "running"):
+        time.sleep(0.3)
+    assert run.status()["state"] == "completed", (run.path / "train.log").read_text()
+    assert run.eval()["test_accuracy"] > 0.4
