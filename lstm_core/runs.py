@@ -9,6 +9,7 @@ last.pt, final_state_dict.pth, eval.json and curves.svg.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -83,17 +84,9 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()   # checkpoints are megabytes: serialise in memory, then one atomic write
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -142,8 +142,8 @@ def runs_page() -> None:
         st.error(f"Could not read the saved runs: {type(exc).__name__}: {exc}")
         return
     if not runs:
-        st.info("No runs yet. Train one from a terminal with `python -m lstm_core train --preset default`, "
-                "then refresh this page.")
+        st.info("No runs yet: start one on the Train page, or from a terminal with "
+                "`python -m lstm_core train --preset default`.")
         return
 
     ids = [r["id"] for r in runs]

@@ -219,6 +219,9 @@ def show_results(run) -> None:
     normalize = st.toggle("Row-normalized", key=f"normalize_{run.id}")
     st.plotly_chart(confusion_figure(evaluation["confusion_matrix"], normalize=normalize), key=f"cm_{run.id}")
     st.caption("Test set, with the best weights (chosen on validation loss). Rows are true digits.")
+    if st.button("Use this model on the Draw page", key=f"draw_{run.id}", icon=":material/draw:"):
+        st.session_state["draw_run"] = run.id
+        st.switch_page("pages/draw.py")
 
 
 def train_page() -> None:
