@@ -79,6 +79,23 @@ def build_parser() -> Parser:
     evaluate.add_argument("--data-dir", metavar="DIR")
     evaluate.add_argument("--device", default="auto")
 
+    tune = sub.add_parser("tune", help="an Optuna study over the hyperparameters (resumes an existing one)")
+    tune.add_argument("--study", required=True, help="study name (letters, digits, '.', '_', '-')")
+    tune.add_argument("--trials", type=int, default=20, help="run until the study has this many finished trials")
+    tune.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop starting trials after this")
+    tune.add_argument("--workers", type=int, default=1, help="worker processes on the same storage")
+    tune.add_argument("--storage", help="Optuna storage URL (default: sqlite:///SAVES/optuna.db)")
+    tune.add_argument("--sampler", default="tpe", choices=["tpe", "random", "cmaes", "gp"])
+    tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    tune.add_argument("--space", metavar="FILE", help="JSON or TOML search space (default: the built-in one)")
+    tune.add_argument("--sampler-seed", type=int, default=None, help="seed of the sampler")
+    tune.add_argument("--preset", default="default", choices=list(PRESETS), help="the fixed hyperparameters")
+    tune.add_argument("--config", metavar="FILE", help="JSON or TOML file of fixed TrainConfig fields")
+    tune.add_argument("--saves", metavar="DIR")
+    tune.add_argument("--json", action="store_true", help="end stdout with one JSON summary line")
+    tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child of --workers
+    add_config_flags(tune)
+
     runs = sub.add_parser("runs", help="list runs with state and best metrics")
     runs.add_argument("--saves", metavar="DIR")
     runs.add_argument("--json", action="store_true", help="one JSON array instead of a table")
@@ -239,7 +256,57 @@ def command_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": command_train, "evaluate": command_evaluate, "runs": command_runs}
+def command_tune(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .runs import atomic_write_json, process_start_time, safe_name
+    from .tune import default_storage, finished_trials, load_space, make_storage, run_worker, state_counts, study_dir
+
+    safe_name(args.study, "study name")
+    if args.trials < 1 or args.workers < 1 or (args.timeout is not None and args.timeout <= 0):
+        raise UsageError("--trials and --workers must be at least 1, and --timeout positive")
+    base = config_from_args(args)
+    space = load_space(args.space)
+    storage = args.storage or default_storage(args.saves)
+    make_storage(storage)                       # an unreachable or malformed URL fails here, clearly
+    if base.num_threads == 0:                   # K workers share the cores instead of fighting over them
+        base = base.replace(num_threads=max(1, (os.cpu_count() or 1) // args.workers))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    children = []
+    argv = sys.argv[1:] if args.storage else [*sys.argv[1:], "--storage", storage]
+    if not args.worker:
+        folder = study_dir(args.study, args.saves)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "STOP").unlink(missing_ok=True)
+        children = [subprocess.Popen([sys.executable, "-m", "lstm_core", *argv, "--worker"])
+                    for _ in range(args.workers - 1)]
+        atomic_write_json(folder / "workers.json", {"workers": [
+            {"pid": p.pid, "pid_start": process_start_time(p.pid)} for p in [*children]] +
+            [{"pid": os.getpid(), "pid_start": process_start_time(os.getpid())}], "storage": storage})
+        print(f"study {args.study} in {storage}: {args.workers} worker(s), until {args.trials} finished trials",
+              flush=True)
+    study = run_worker(args.study, args.trials, base, storage, space, args.timeout, args.sampler, args.pruner,
+                       args.saves, stop, args.sampler_seed)
+    for child in children:
+        child.wait()
+    if args.worker:
+        return 0
+    counts = state_counts(study)
+    best = study.best_trial if counts["COMPLETE"] else None
+    print(f"study {args.study}: {finished_trials(study)} finished ({counts['COMPLETE']} complete, "
+          f"{counts['PRUNED']} pruned, {counts['FAIL']} failed)" +
+          (f", best val acc {best.value:.2%} (trial {best.number})" if best else ""), flush=True)
+    if args.json:
+        print(json.dumps({"study": args.study, "storage": storage, "counts": counts,
+                          "best_value": best.value if best else None, "best_trial": best.number if best else None,
+                          "best_params": best.params if best else None,
+                          "best_run_dir": best.user_attrs.get("run_dir") if best else None}))
+    return 0
+
+
+COMMANDS = {"train": command_train, "evaluate": command_evaluate, "runs": command_runs, "tune": command_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ class History:
     best_epoch: int = 0                                # 1-based; 0 = no epoch finished
     best_val_loss: float = math.inf
     best_val_accuracy: float = 0.0
-    stopped: str = "completed"                         # completed | early_stopped | cancelled
+    stopped: str = "completed"                         # completed | early_stopped | cancelled | pruned
     train_seconds: float = 0.0
     test: dict | None = None                           # evaluate() on the test set, best weights
 
@@ -75,6 +75,7 @@ class FitState:
     best_state: dict | None = None       # a detached copy of the best weights
     bad_epochs: int = 0                  # epochs since the last improvement
     should_stop: bool = False
+    stop_reason: str = "cancelled"      # what a callback's stop means: cancelled, pruned, ...
     generator: torch.Generator | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -148,12 +149,12 @@ def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = Non
         for epoch in range(1, config.epochs + 1):
             train = train_epoch(state, splits, dtype, scaler, emit, stop)
             if train is None:
-                state.history.stopped = "cancelled"
+                state.history.stopped = state.stop_reason if state.should_stop else "cancelled"
                 break
             record = end_epoch(state, splits, train, dtype)
             emit("on_epoch_end", record)
             if should_stop(stop, state):
-                state.history.stopped = "cancelled"
+                state.history.stopped = state.stop_reason if state.should_stop else "cancelled"
                 break
             if config.patience and state.bad_epochs >= config.patience:
                 state.history.stopped = "early_stopped"

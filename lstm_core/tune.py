@@ -1,0 +1,278 @@
+"""Optuna studies over TrainConfig: a thin objective (suggest -> TrainConfig -> fit with pruning).
+
+    study = run_study("lstm-search", trials=20, base=preset("default").replace(epochs=5))
+    python -m lstm_core tune --study lstm-search --trials 20 --workers 2 --epochs 5
+
+Each trial trains into its own run directory, SAVES/studies/<study>/trial_<n>/ (the layout of a run,
+with eval.json), whose path is the trial's user attribute `run_dir`. The objective is the best
+validation accuracy; the test set is only evaluated for the record. The study is a plain Optuna study
+in any storage URL (SQLite by default, PostgreSQL for several machines): optuna-dashboard and
+optuna.load_study open it as they would any other.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from .config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mapping
+from .runs import RunRecorder, create_run, read_json_object, safe_name, saves_root
+from .train import Callback, fit
+
+# The space the popular MNIST-LSTM Optuna scripts search, plus AdamW, RMSprop and bidirectional.
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "optimizer": {"type": "categorical", "choices": ["adam", "sgd", "adamw", "rmsprop"]},
+    "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    "hidden_size": {"type": "int", "low": 32, "high": 128},
+    "num_layers": {"type": "int", "low": 1, "high": 3},
+    "dropout": {"type": "float", "low": 0.1, "high": 0.5},
+    "batch_size": {"type": "int", "low": 64, "high": 256, "step": 64},
+    "bidirectional": {"type": "categorical", "choices": [False, True]},
+}
+SAMPLERS = ("tpe", "random", "cmaes", "gp")
+PRUNERS = ("median", "hyperband", "none")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+STOP_FILE = "STOP"
+HEARTBEAT_SECONDS = 10        # a worker killed mid-trial has that trial failed by the others after ~2x this
+
+
+class SpaceError(ConfigError):
+    """A search space that names unknown fields or has malformed ranges."""
+
+
+def default_storage(root: str | Path | None = None) -> str:
+    return f"sqlite:///{saves_root(root) / 'optuna.db'}"
+
+
+def study_dir(study: str, root: str | Path | None = None) -> Path:
+    return saves_root(root) / "studies" / safe_name(study, "study name")
+
+
+def check_space(space: Any) -> dict[str, dict[str, Any]]:
+    """A search space (param -> spec) checked against TrainConfig, with one clear message per problem."""
+    if not isinstance(space, dict) or not space:
+        raise SpaceError("a search space must be a non-empty mapping of config fields to ranges")
+    for name, spec in space.items():
+        if name not in FIELD_TYPES:
+            raise SpaceError(f"search space: {name!r} is not a TrainConfig field")
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise SpaceError(f"search space: {name} needs a type of float, int or categorical")
+        if spec["type"] == "categorical":
+            if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+                raise SpaceError(f"search space: {name} needs a non-empty list of choices")
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
+            raise SpaceError(f"search space: {name} needs numbers low <= high, got {low!r} and {high!r}")
+        if spec.get("log") and low <= 0:
+            raise SpaceError(f"search space: {name} is log-scaled, so low must be > 0, got {low}")
+        if spec["type"] == "int" and not all(float(v).is_integer() for v in (low, high)):
+            raise SpaceError(f"search space: {name} is an int range, got {low!r}..{high!r}")
+    return space
+
+
+def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return DEFAULT_SPACE
+    return check_space(read_mapping(path))
+
+
+def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    params = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            params[name] = trial.suggest_categorical(name, spec["choices"])
+        elif spec["type"] == "int":
+            params[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
+                                             log=bool(spec.get("log", False)))
+        else:
+            params[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                               step=spec.get("step"), log=bool(spec.get("log", False)))
+    return params
+
+
+class Pruning(Callback):
+    """Reports validation accuracy each epoch and stops the trial when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+        self.pruned = False
+
+    def on_epoch_end(self, state, record: dict) -> None:
+        self.trial.report(record["val_accuracy"], record["epoch"])
+        if self.trial.should_prune():
+            self.pruned = True
+            state.should_stop = True
+            state.stop_reason = "pruned"
+
+
+def make_sampler(name: str, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+def make_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and retried once."""
+    kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
+    if heartbeat:
+        kwargs.update(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=2 * HEARTBEAT_SECONDS,
+                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad or unreachable URL
+        raise ConfigError(f"cannot open the study storage {url!r}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:300]}") from None
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | Path | None,
+                  stop: Callable[[], bool]) -> Callable[[optuna.Trial], float]:
+    """suggest -> TrainConfig -> fit with pruning -> best validation accuracy."""
+    def objective(trial: optuna.Trial) -> float:
+        config = from_dict({**base.to_dict(), **suggest(trial, space)})
+        path = study_dir(study_name, root) / f"trial_{trial.number}"
+        if path.exists():  # a retried trial of a dead worker gets a fresh directory
+            path = path.with_name(f"{path.name}_{int(time.time())}")
+        run = create_run(config, path=path)
+        trial.set_user_attr("run_dir", str(run.path))
+        trial.set_user_attr("worker_pid", os.getpid())
+        pruning = Pruning(trial)
+        history = fit(config, [RunRecorder(run), pruning], stop=stop)
+        if history.test:
+            trial.set_user_attr("test_accuracy", history.test["accuracy"])
+        if pruning.pruned:
+            raise optuna.TrialPruned(f"pruned at epoch {len(history.epochs)}")
+        if history.stopped == "cancelled":
+            raise optuna.TrialPruned("the study was stopped")  # keep its record, but not as a result
+        return max(r["val_accuracy"] for r in history.epochs)   # the best validation accuracy of any epoch
+    return objective
+
+
+def open_study(name: str, storage: str, sampler: str = "tpe", pruner: str = "median",
+               seed: int | None = None) -> optuna.Study:
+    return optuna.create_study(study_name=safe_name(name, "study name"), storage=make_storage(storage),
+                               direction="maximize", load_if_exists=True, sampler=make_sampler(sampler, seed),
+                               pruner=make_pruner(pruner))
+
+
+def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = None, space: dict | None = None,
+               timeout: float | None = None, sampler: str = "tpe", pruner: str = "median",
+               root: str | Path | None = None, stop_event: threading.Event | None = None,
+               seed: int | None = None) -> optuna.Study:
+    """Run trials of study `name` until it has `trials` finished ones (counted across all workers),
+    `timeout` seconds pass, or a stop is requested (SIGTERM, the study's STOP file)."""
+    storage = storage or default_storage(root)
+    space = check_space(space or DEFAULT_SPACE)
+    folder = study_dir(name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    study = open_study(name, storage, sampler, pruner, seed)
+    study.set_user_attr("space", json.loads(json.dumps(space)))
+    study.set_user_attr("base_config", base.to_dict())
+    stop_event = stop_event or threading.Event()
+    stop = lambda: stop_event.is_set() or (folder / STOP_FILE).exists()  # noqa: E731
+
+    def enough(study: optuna.Study, trial) -> None:
+        if stop() or finished_trials(study) >= trials:
+            study.stop()
+
+    if finished_trials(study) < trials and not stop():
+        study.optimize(objective_for(name, base, space, root, stop), timeout=timeout, callbacks=[enough],
+                       catch=(RuntimeError, ValueError, MemoryError))
+    return study
+
+
+def worker_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "lstm_core", "tune", *args, "--worker"]
+
+
+def launch_study(args: list[str], name: str, root: str | Path | None = None) -> subprocess.Popen:
+    """Start `python -m lstm_core tune ARGS` detached (a refresh or another user does not stop it)."""
+    folder = study_dir(name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STOP_FILE).unlink(missing_ok=True)
+    log = open(folder / "tune.log", "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "lstm_core", "tune", *args], cwd=Path(__file__).parent.parent,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def request_study_stop(name: str, root: str | Path | None = None) -> None:
+    """Ask every worker of the study to stop after its current batch (the STOP file is read between
+    batches and between trials)."""
+    folder = study_dir(name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STOP_FILE).touch()
+    for pid in worker_pids(name, root):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def worker_pids(name: str, root: str | Path | None = None) -> list[int]:
+    from .runs import process_alive
+    info = read_json_object(study_dir(name, root) / "workers.json")
+    return [w["pid"] for w in info.get("workers", []) if process_alive(w.get("pid"), w.get("pid_start"))]
+
+
+def study_summaries(storage: str) -> list[dict]:
+    """Every study in a storage with its trial counts by state and best value."""
+    out = []
+    for s in optuna.get_all_study_summaries(make_storage(storage, heartbeat=False), include_best_trial=True):
+        out.append({"name": s.study_name, "trials": s.n_trials,
+                    "best_value": s.best_trial.value if s.best_trial else None,
+                    "started": s.datetime_start.isoformat() if s.datetime_start else None})
+    return out
+
+
+def trial_rows(study: optuna.Study) -> list[dict]:
+    """One row per trial: number, state, value, duration, run_dir, test accuracy and every parameter."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "duration_s": duration,
+                     "epochs": max(t.intermediate_values, default=0) if t.intermediate_values else 0,
+                     "test_accuracy": t.user_attrs.get("test_accuracy"), "run_dir": t.user_attrs.get("run_dir"),
+                     **{f"param_{k}": v for k, v in t.params.items()}})
+    return rows
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts = {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None

@@ -1,0 +1,130 @@
+"""Optuna studies from the CLI on small slices of the real data, in SQLite (and PostgreSQL when present)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from conftest import DATA_DIR, REPO
+
+SMALL = ["--limit-train", "1000", "--val-size", "500", "--epochs", "2", "--batch-size", "100",
+         "--aug-rotate", "0", "--aug-translate", "0", "--aug-scale", "0"]
+SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 32},
+         "lr": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True},
+         "optimizer": {"type": "categorical", "choices": ["adam", "adamw"]}}
+
+
+def tune(saves, *args, timeout=600):
+    env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
+    return subprocess.run([sys.executable, "-m", "lstm_core", "tune", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def space(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(SPACE))
+    return path
+
+
+def storage_of(saves):
+    return f"sqlite:///{saves / 'optuna.db'}"
+
+
+def test_a_study_completes_resumes_and_keeps_a_run_directory_per_trial(saves, space):
+    first = tune(saves, "--study", "s1", "--trials", 3, "--space", space, "--sampler-seed", 1, *SMALL, "--json")
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    assert summary["counts"]["COMPLETE"] + summary["counts"]["PRUNED"] == 3
+    again = tune(saves, "--study", "s1", "--trials", 5, "--space", space, *SMALL, "--json")
+    assert again.returncode == 0, again.stderr
+    study = optuna.load_study(study_name="s1", storage=storage_of(saves))   # a plain Optuna study
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 5 and [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    for trial in finished:
+        run_dir = saves / "studies" / "s1" / f"trial_{trial.number}"
+        assert trial.user_attrs["run_dir"] == str(run_dir)
+        evaluation = json.loads((run_dir / "eval.json").read_text())
+        assert len(evaluation["confusion_matrix"]) == 10 and 0 <= evaluation["test_accuracy"] <= 1
+        config = json.loads((run_dir / "config.json").read_text())
+        assert {k: config[k] for k in trial.params} == trial.params     # the trial trained what it suggested
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            epochs = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+                      if '"epoch"' in l and '"event": "epoch"' in l]
+            assert trial.value == max(e["val_accuracy"] for e in epochs)  # validation, never the test set
+    assert set(study.best_trial.params) == set(SPACE)
+
+
+def test_two_workers_share_one_study(saves, space):
+    result = tune(saves, "--study", "w2", "--trials", 4, "--workers", 2, "--space", space, *SMALL)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="w2", storage=storage_of(saves))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert 4 <= len(finished) <= 5                      # the target, plus at most one in flight at the end
+    assert len({t.user_attrs["worker_pid"] for t in finished}) == 2
+
+
+def test_the_median_pruner_prunes_a_hopeless_trial(saves, tmp_path):
+    hopeless = tmp_path / "hopeless.json"
+    hopeless.write_text(json.dumps({"lr": {"type": "categorical", "choices": [0.01, 1e-6]},
+                                    "hidden_size": {"type": "int", "low": 16, "high": 24}}))
+    result = tune(saves, "--study", "p", "--trials", 7, "--space", hopeless, "--sampler", "random",
+                  "--sampler-seed", 3, "--pruner", "median", *SMALL[:-6], "--epochs", "3")
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="p", storage=storage_of(saves))
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.params["lr"] == 1e-6 for t in pruned)
+    evaluation = json.loads((saves / "studies" / "p" / f"trial_{pruned[0].number}" / "eval.json").read_text())
+    assert evaluation["stopped"] == "pruned"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--study", "../escape"], "invalid study name"),
+    (["--study", "x", "--trials", "0"], "--trials and --workers must be at least 1"),
+    (["--study", "x", "--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open the study storage"),
+    (["--study", "x", "--storage", "nonsense://"], "cannot open the study storage"),
+    (["--study", "x", "--sampler", "grid"], "invalid choice: 'grid'"),
+    (["--study", "x", "--hidden-size", "0"], "hidden_size must be between 1 and 4096"),
+])
+def test_bad_tune_arguments_exit_2_with_one_message(saves, args, message):
+    result = tune(saves, *args, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (saves / "studies").exists() or not any((saves / "studies").iterdir())
+
+
+@pytest.mark.parametrize("space_text, message", [
+    ('{"hidden": {"type": "int", "low": 1, "high": 2}}', "'hidden' is not a TrainConfig field"),
+    ('{"lr": {"type": "float", "low": 0, "high": 1, "log": true}}', "low must be > 0"),
+    ('{"lr": {"type": "float", "low": 1, "high": 0.1}}', "low <= high"),
+    ('{"optimizer": {"type": "categorical", "choices": []}}', "non-empty list of choices"),
+    ('{"lr": ', "not valid JSON"),
+])
+def test_bad_search_spaces_are_refused(saves, tmp_path, space_text, message):
+    (tmp_path / "bad.json").write_text(space_text)
+    result = tune(saves, "--study", "x", "--space", tmp_path / "bad.json", timeout=120)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(saves, space):
+    env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
+    long_trial = [a if a != "2" else "200" for a in SMALL]        # a trial that would take minutes
+    victim = subprocess.Popen([sys.executable, "-m", "lstm_core", "tune", "--study", "hb", "--trials", "1",
+                               "--space", str(space), *long_trial], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = saves / "studies" / "hb" / "trial_0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and '"event": "epoch"' in metrics.read_text()):
+        time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    time.sleep(21)                                                   # past the heartbeat's grace period
+    result = tune(saves, "--study", "hb", "--trials", 2, "--space", space, *SMALL)
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="hb", storage=storage_of(saves))
+    states = {t.number: t.state for t in study.trials}
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) >= 2
