@@ -8,12 +8,12 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test bench setup setup-test chromium clean
+.PHONY: run test bench setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
 
-test: $(VENV)/.installed-test chromium
+test: $(VENV)/.installed-test chromium postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Speed and accuracy figures (the README's table); BENCH_ARGS="--full default" also trains to the end.
@@ -44,6 +44,13 @@ chromium:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "Chromium is missing: install it (e.g. sudo apt-get install chromium) or set CHROMIUM=/path"; exit 1; fi
+
+# PostgreSQL's server for the multi-worker study test (the test starts its own throwaway cluster).
+postgres:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "PostgreSQL is not installed: its test will be skipped (apt-get install postgresql to run it)"; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info

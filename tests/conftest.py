@@ -125,3 +125,45 @@ def app_url(trained_saves, tmp_path_factory):
 def browser_type_launch_args(browser_type_launch_args):
     """pytest-playwright's launch options (--headed, --slowmo) plus the local Chromium."""
     return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+# -- PostgreSQL (the multi-worker, multi-machine study storage) --
+def find_pg_bin(name: str) -> str | None:
+    import glob
+    import shutil
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on a free loopback port ($LSTM_TEST_PG_URL when set instead).
+    Skipped, with the reason, only where PostgreSQL's server binaries are not installed."""
+    if os.environ.get("LSTM_TEST_PG_URL"):
+        yield os.environ["LSTM_TEST_PG_URL"]
+        return
+    initdb, pg_ctl = find_pg_bin("initdb"), find_pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: `make test` installs them "
+                    "from Debian's packages when run as root")
+    import pwd
+    import shutil
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="lstm-test-pg-"))  # not under pytest's root-only tmp tree
+    base.chmod(0o755)
+    data = base / "data"
+    data.mkdir()
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: use the postgres account
+        user = pwd.getpwnam("postgres")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run([*run_as, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True,
+                   capture_output=True)
+    subprocess.run([*run_as, pg_ctl, "-D", str(data), "-l", str(data / "server.log"), "-w", "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)

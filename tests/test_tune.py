@@ -128,3 +128,13 @@ def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(save
     states = {t.number: t.state for t in study.trials}
     assert states[0] == optuna.trial.TrialState.FAIL
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) >= 2
+
+
+def test_two_workers_on_postgresql(saves, space, postgres_url):
+    result = tune(saves, "--study", "pg", "--trials", 4, "--workers", 2, "--storage", postgres_url, "--space", space,
+                  *SMALL, "--json")
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert 4 <= len(finished) <= 5 and len({t.user_attrs["worker_pid"] for t in finished}) == 2
+    assert json.loads(result.stdout.strip().splitlines()[-1])["storage"] == postgres_url
