@@ -54,6 +54,32 @@ def eval_throughput(mnist, name: str = "default", repeats: int = 3) -> dict:
     return {"preset": name, "eval_samples_per_s": repeats * len(splits.test_y) / (time.perf_counter() - started)}
 
 
+def predict_latency(mnist, name: str = "default", repeats: int = 300) -> dict:
+    """Draw-page latency: one 280x280 RGBA canvas -> MNIST-like 28x28 -> probabilities and per-row beliefs."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from .models import build_model
+    from .preprocess import from_canvas, predict
+    config = preset(name)
+    model = build_model(config).eval()
+    canvases = []
+    for i in range(20):  # real digits, drawn large
+        big = F.interpolate(mnist.test_images[i][None, None].float(), size=(240, 240), mode="bilinear")[0, 0]
+        rgba = np.zeros((280, 280, 4), np.uint8)
+        rgba[20:260, 20:260, :3] = big.clamp(0, 255).to(torch.uint8).numpy()[..., None]
+        rgba[..., 3] = 255
+        canvases.append(rgba)
+    times = []
+    for i in range(repeats + 10):
+        started = time.perf_counter()
+        predict(model, config, from_canvas(canvases[i % len(canvases)]))
+        if i >= 10:                                                       # after warm-up
+            times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {"preset": name, "p50_ms": times[len(times) // 2], "p99_ms": times[int(len(times) * 0.99) - 1]}
+
+
 def full_run(name: str, mnist) -> dict:
     started = time.perf_counter()
     history = fit(preset(name), data=mnist)
@@ -77,6 +103,9 @@ def main(argv=None) -> int:
         print(f"train {name:<9} fp32  {row['samples_per_s']:>9.0f} samples/s  (batch {row['batch_size']})", flush=True)
     result["eval"].append(row := eval_throughput(mnist))
     print(f"eval  default         {row['eval_samples_per_s']:>9.0f} samples/s  (10,000 test samples)", flush=True)
+    result["predict"] = row = predict_latency(mnist)
+    print(f"draw  default         p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms  (preprocess + predict)",
+          flush=True)
     for name in args.full:
         result["full"].append(row := full_run(name, mnist))
         print(f"full  {name:<9} test accuracy {row['test_accuracy']:.2%} in {row['wall_seconds']:.0f} s "

@@ -72,3 +72,32 @@ def overlay_figure(runs: dict[str, list[dict]], metric: str = "val_accuracy", he
                      else None)
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, hovermode="x unified")
     return fig
+
+
+def per_class_figure(per_class: list[dict], height: int = 320) -> go.Figure:
+    """Precision, recall and F1 of each digit, grouped bars."""
+    fig = go.Figure()
+    for key, color in (("precision", "#1f77b4"), ("recall", "#ff7f0e"), ("f1", "#2ca02c")):
+        fig.add_trace(go.Bar(x=[str(c["digit"]) for c in per_class], y=[c[key] for c in per_class], name=key,
+                             marker_color=color, hovertemplate=f"digit %{{x}}<br>{key} %{{y:.2%}}<extra></extra>"))
+    low = min((c[k] for c in per_class for k in ("precision", "recall", "f1")), default=0.0)
+    fig.update_yaxes(range=[max(0.0, low - 0.02), 1.0], tickformat=".0%")
+    fig.update_xaxes(title_text="digit", type="category")
+    fig.update_layout(barmode="group", height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def confusion_difference_figure(cm_a: list[list[int]], cm_b: list[list[int]], title: str = "",
+                                height: int = 430) -> go.Figure:
+    """B minus A, cell by cell: red where B makes more of that (mis)classification, blue where fewer."""
+    diff = [[b - a for a, b in zip(row_a, row_b)] for row_a, row_b in zip(cm_a, cm_b)]
+    bound = max((abs(v) for row in diff for v in row), default=1) or 1
+    fig = go.Figure(go.Heatmap(
+        z=diff, x=DIGITS, y=DIGITS, text=[[f"{v:+d}" if v else "" for v in row] for row in diff],
+        texttemplate="%{text}", colorscale="RdBu_r", zmin=-bound, zmax=bound, showscale=False,
+        hovertemplate="true %{y}, predicted %{x}: %{z:+d}<extra></extra>"))
+    fig.update_yaxes(title_text="true digit", autorange="reversed", type="category")
+    fig.update_xaxes(title_text="predicted digit", type="category", side="top")
+    fig.update_layout(title=title or None, height=height, margin={"l": 10, "r": 10, "t": 60 if title else 40, "b": 10})
+    return fig

@@ -252,12 +252,23 @@ def list_runs(root: str | Path | None = None) -> list[dict]:
     return sorted(out, key=lambda r: (when(r), r["id"]), reverse=True)
 
 
+def list_trials(root: str | Path | None = None) -> list[dict]:
+    """The run directories of every tuning trial (SAVES/studies/<study>/trial_<n>/), as run summaries
+    whose id is "<study>/trial_<n>"."""
+    base = saves_root(root) / "studies"
+    rows = []
+    for path in sorted(base.glob("*/trial_*")) if base.is_dir() else []:
+        if (path / "config.json").exists():
+            rows.append({**summarize(Run(path)), "id": f"{path.parent.name}/{path.name}", "kind": "trial"})
+    return rows
+
+
 def list_models(root: str | Path | None = None) -> list[dict]:
-    """Every run with a usable best.pt (completed or stopped early by the user), best validation
-    accuracy first: what the Draw page can predict with."""
-    rows = [r for r in list_runs(root) if r["state"] in ("completed", "cancelled")
-            and (Path(r["path"]) / "best.pt").exists()]
-    return sorted(rows, key=lambda r: -(r["best_val_accuracy"] or 0.0))
+    """Every run and tuning trial with a usable best.pt (finished, or stopped by the user), best
+    validation accuracy first: what the Draw page can predict with."""
+    rows = [{**r, "kind": "run"} for r in list_runs(root)] + list_trials(root)
+    usable = [r for r in rows if r["state"] in ("completed", "cancelled") and (Path(r["path"]) / "best.pt").exists()]
+    return sorted(usable, key=lambda r: -(r["best_val_accuracy"] or 0.0))
 
 
 def summarize(run: Run) -> dict:
