@@ -71,6 +71,8 @@ def build_parser() -> Parser:
     train.add_argument("--json", action="store_true", help="end stdout with one JSON summary line")
     train.add_argument("--run-dir", metavar="DIR", help="train the queued run in DIR (made by the app); "
                        "its config.json is the config, so no other config flags are allowed")
+    train.add_argument("--resume", metavar="RUN", help="continue a cancelled, interrupted or failed run (id or "
+                       "directory) from the end of its last finished epoch")
     add_config_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="test-set metrics of a run or checkpoint, as JSON")
@@ -106,15 +108,20 @@ def build_parser() -> Parser:
 def command_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .jobs import StopRequest, device_key, device_lock
-    from .runs import RunRecorder, create_run, process_start_time
+    from .runs import RunRecorder, create_run, process_start_time, resume_checkpoint
     from .train import fit
 
     stop_event = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_event.set())  # cooperative: the run ends between batches, checkpointed
-    if args.run_dir:
-        run = queued_run(args)
+    resume = None
+    if args.run_dir or args.resume:
+        run = existing_run(args)
         config = run.config()
+        if args.resume:
+            resume = resume_checkpoint(run)
+            run.write_status(state="queued", resuming=False, ended_at=None, error=None)
+            (run.path / "STOP").unlink(missing_ok=True)
     else:
         config = config_from_args(args)
     try:
@@ -122,7 +129,7 @@ def command_train(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
     mnist = load_mnist(args.data_dir)
-    if not args.run_dir:
+    if not (args.run_dir or args.resume):
         run = create_run(config, args.saves)
     print(run.path, flush=True)
     run.write_status(pid=os.getpid(), pid_start=process_start_time(os.getpid()))
@@ -139,7 +146,7 @@ def command_train(args: argparse.Namespace) -> int:
             print(f"cancelled while queued -> {run.path}", flush=True)
             return 0
         run.write_status(waiting_for=None)
-        history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist)
+        history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist, resume=resume)
     summary = history.summary()
     test_acc = summary["test_accuracy"]
     print(f"{history.stopped}: {len(history.epochs)} epoch(s) in {history.train_seconds:.1f} s, "
@@ -152,17 +159,24 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def queued_run(args: argparse.Namespace):
-    """The run directory named by --run-dir, which must be queued and carry its own config."""
-    from .runs import RunError, run_at
+def existing_run(args: argparse.Namespace):
+    """The run named by --run-dir (queued, made by the app) or --resume (stopped, to continue); both
+    carry their own config, so no config flags may come with them."""
+    from .runs import RunError, open_run, run_at
 
     given = [flag(f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None]
+    which = "--run-dir" if args.run_dir else "--resume"
     if given or args.config or args.preset != "default":
-        raise UsageError(f"--run-dir trains the config stored in the run; drop {(given or ['--config/--preset'])[0]}")
-    run = run_at(args.run_dir)
-    state = run.status().get("state")
-    if state != "queued":
-        raise RunError(f"run {run.id} is {state}, not queued: only a queued run can be started")
+        raise UsageError(f"{which} trains the config stored in the run; drop {(given or ['--config/--preset'])[0]}")
+    target = args.run_dir or args.resume
+    run = run_at(target) if Path(target).is_dir() else open_run(target, args.saves)
+    status = run.status()
+    state = status.get("state")
+    allowed = ("queued",) if args.run_dir else ("cancelled", "interrupted", "failed")
+    if args.resume and state == "queued" and status.get("resuming"):
+        return run                                   # queued for resuming by the app (jobs.launch_resume)
+    if state not in allowed:
+        raise RunError(f"run {run.id} is {state}: {which} needs a run that is {' or '.join(allowed)}")
     return run
 
 

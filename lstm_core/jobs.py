@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from .config import TrainConfig
 from .devices import resolve_device
-from .runs import LIVE_STATES, Run, RunError, create_run, process_alive, saves_root
+from .runs import LIVE_STATES, Run, RunError, create_run, process_alive, resume_checkpoint, saves_root
 
 try:
     import fcntl
@@ -103,24 +103,32 @@ class StopRequest:
         return self.event.is_set() or self.path.exists()
 
 
-def train_command(run: Run, root: str | Path | None = None) -> list[str]:
-    return [sys.executable, "-m", "lstm_core", "train", "--run-dir", str(run.path), "--saves", str(saves_root(root))]
-
-
 def launch_training(config: TrainConfig, root: str | Path | None = None) -> Run:
     """Create a queued run and start its training in a detached process (its own session, so a closed
     tab, a page switch or a Streamlit restart leaves it running). Output goes to the run's train.log."""
     run = create_run(config, root)
-    log = open(run.path / "train.log", "ab")
-    try:
-        process = subprocess.Popen(train_command(run, root), cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+    start_process(run, "--run-dir", root)
+    return run
+
+
+def launch_resume(run: Run, root: str | Path | None = None) -> None:
+    """Continue a stopped run from its last finished epoch, in a detached process."""
+    state = run.status().get("state")
+    if state not in ("cancelled", "interrupted", "failed"):
+        raise RunError(f"run {run.id} is {state}: only a cancelled, interrupted or failed run can be resumed")
+    resume_checkpoint(run)                        # refuse now, in the page, what the process would refuse
+    run.write_status(state="queued", resuming=True, ended_at=None, error=None)
+    start_process(run, "--resume", root)
+
+
+def start_process(run: Run, how: str, root: str | Path | None) -> None:
+    command = [sys.executable, "-m", "lstm_core", "train", how, str(run.path), "--saves", str(saves_root(root))]
+    with open(run.path / "train.log", "ab") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    finally:
-        log.close()
     run.write_status(pid=process.pid, pid_start=None)
     _CHILDREN.append(process)
     reap()
-    return run
 
 
 _CHILDREN: list[subprocess.Popen] = []

@@ -308,6 +308,7 @@ def checkpoint_dict(state: FitState, partial: bool = False) -> dict:
         "best_val_accuracy": state.history.best_val_accuracy,
         "bad_epochs": state.bad_epochs,
         "rng": {"torch": torch.get_rng_state(), "generator": state.generator.get_state()},
+        "scaler": state.scaler.state_dict() if state.scaler is not None and state.scaler.is_enabled() else None,
     }
 
 
@@ -328,6 +329,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise RunError(f"{path} is not an LSTM Studio checkpoint (bad format field or weights)")
     if ckpt.get("format", 0) > CHECKPOINT_FORMAT:
         raise RunError(f"{path} was written by a newer LSTM Studio (format {ckpt['format']})")
+    return ckpt
+
+
+def resume_checkpoint(run: Run) -> dict:
+    """last.pt with the best weights so far (from best.pt), ready for fit(resume=...)."""
+    ckpt = load_checkpoint(run.last_path)
+    if ckpt.get("partial") or not ckpt.get("optimizer"):
+        raise RunError(f"run {run.id} stopped before finishing its first epoch: there is nothing to resume; "
+                       "start it again")
+    ckpt["best_model"] = load_checkpoint(run.best_path)["model"] if run.best_path.exists() else None
     return ckpt
 
 
@@ -366,22 +377,31 @@ class RunRecorder(Callback):
         self.heartbeat(state="running", pid=pid, pid_start=process_start_time(pid), host=socket.gethostname(),
                        started_at=time.time(), device=str(state.device))
         append_jsonl(self.run.metrics_path, {"event": "start", "time": time.time(), "device": str(state.device),
-                                             "n_train": state.n_train, "steps_per_epoch": state.steps_per_epoch})
+                                             "n_train": state.n_train, "steps_per_epoch": state.steps_per_epoch,
+                                             "resumed_after_epoch": state.epoch})
+        logged = {r.get("epoch") for r in self.run.epochs()}
+        for record in state.history.epochs:   # resumed: epochs the checkpoint has but the log lost to a kill
+            if record["epoch"] not in logged:
+                append_jsonl(self.run.metrics_path, record)
 
     def on_batch(self, state: FitState, record: dict) -> None:
         append_jsonl(self.run.metrics_path, record)
         self.heartbeat()
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
-        append_jsonl(self.run.metrics_path, record)
+        # checkpoints first: a kill between the two writes loses a log line (restored on resume), never
+        # leaves a logged epoch that resume would train again
         ckpt = checkpoint_dict(state)
-        atomic_torch_save(ckpt, self.run.last_path)
         if state.improved:
             atomic_torch_save({**ckpt, "optimizer": None, "scheduler": None}, self.run.best_path)
+        atomic_torch_save(ckpt, self.run.last_path)
+        append_jsonl(self.run.metrics_path, record)
         self.heartbeat()
 
     def on_train_end(self, state: FitState) -> None:
-        if state.batch and state.batch < state.steps_per_epoch:  # stopped mid-epoch: keep that work too
+        # stopped mid-epoch: last.pt stays at the last epoch's end (what --resume continues from); a run
+        # stopped in its first epoch keeps its weights as a partial checkpoint
+        if state.batch and state.batch < state.steps_per_epoch and not self.run.last_path.exists():
             atomic_torch_save(checkpoint_dict(state, partial=True), self.run.last_path)
         if not self.run.best_path.exists():                     # no epoch finished: the current weights
             atomic_torch_save({**checkpoint_dict(state, partial=True), "optimizer": None, "scheduler": None},

@@ -77,6 +77,7 @@ class FitState:
     should_stop: bool = False
     stop_reason: str = "cancelled"      # what a callback's stop means: cancelled, pruned, ...
     generator: torch.Generator | None = None
+    scaler: Any = None
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -123,9 +124,11 @@ def should_stop(stop: Any, state: FitState) -> bool:
 
 
 def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = None,
-        data: MNIST | None = None) -> History:
+        data: MNIST | None = None, resume: dict | None = None) -> History:
     """Train `config`, early-stop on validation loss, restore the best weights, evaluate on the test set.
-    `stop`: a threading/multiprocessing Event or a callable; when it is set the run ends as cancelled."""
+    `stop`: a threading/multiprocessing Event or a callable; when it is set the run ends as cancelled.
+    `resume`: a checkpoint saved at the end of an epoch (runs.checkpoint_dict) plus `best_model`, the best
+    weights so far; training goes on from the next epoch exactly as if it had never stopped."""
     callbacks = list(callbacks)
     device = resolve_device(config.device)
     if config.num_threads:
@@ -143,10 +146,13 @@ def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = Non
                      generator=torch.Generator().manual_seed(config.seed))
     dtype = amp_dtype(config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state.scaler = scaler
+    if resume is not None:
+        restore(state, resume)
     emit = lambda hook, *args: [getattr(cb, hook)(state, *args) for cb in callbacks]  # noqa: E731
     try:
         emit("on_run_start")
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(state.epoch + 1, config.epochs + 1):
             train = train_epoch(state, splits, dtype, scaler, emit, stop)
             if train is None:
                 state.history.stopped = state.stop_reason if state.should_stop else "cancelled"
@@ -255,3 +261,27 @@ def end_epoch(state: FitState, splits: Splits, train: dict, dtype) -> dict:
 def sum_epoch_seconds(history: History) -> float:
     return sum(r["epoch_seconds"] for r in history.epochs)
 
+
+
+def restore(state: FitState, ckpt: dict) -> None:
+    """Put a run back where an end-of-epoch checkpoint left it: weights, optimizer, scheduler, grad
+    scaler, random streams, history and early-stopping state."""
+    if ckpt.get("partial"):
+        raise ValueError("this checkpoint was saved in the middle of an epoch; resume needs one from an epoch's end")
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scheduler is not None and ckpt.get("scheduler"):
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") and state.scaler is not None:
+        state.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    state.generator.set_state(ckpt["rng"]["generator"])
+    history = state.history
+    history.epochs = [dict(r) for r in ckpt["history"]]
+    history.best_epoch, history.best_val_loss = ckpt["best_epoch"], ckpt["best_val_loss"]
+    history.best_val_accuracy = ckpt["best_val_accuracy"]
+    state.epoch, state.bad_epochs = ckpt["epoch"], ckpt["bad_epochs"]
+    if ckpt.get("best_model") is not None:
+        state.best_state = {k: v.to(state.device) for k, v in ckpt["best_model"].items()}
+    elapsed = history.epochs[-1]["elapsed"] if history.epochs else 0.0
+    state.started = time.perf_counter() - elapsed          # times and ETAs continue from where they were

@@ -14,7 +14,7 @@ import streamlit as st
 
 from lstm_core.config import BOUNDS, CHOICES, PRESETS, ConfigError, TrainConfig, from_dict, preset
 from lstm_core.devices import available_devices
-from lstm_core.jobs import device_holder, device_key, launch_training, request_stop
+from lstm_core.jobs import device_holder, device_key, launch_resume, launch_training, request_stop
 from lstm_core.plots import confusion_figure, curves_figure, running_loss_figure
 from lstm_core.runs import LIVE_STATES, RunError, list_runs, open_run
 
@@ -185,6 +185,15 @@ def show_run(run_id: str) -> None:
     if live and stop_col.button("Stop", key=f"stop_{run.id}", type="primary", use_container_width=True):
         request_stop(run)
         st.toast(f"Stopping run {run.id} after the current batch")
+    if state in ("cancelled", "interrupted", "failed") and run.last_path.exists() and \
+            stop_col.button("Resume", key=f"resume_{run.id}", use_container_width=True,
+                            help="continue from the end of the last finished epoch"):
+        try:
+            launch_resume(run)
+        except RunError as exc:
+            st.error(str(exc))
+        else:
+            st.rerun()
     if state == "failed":
         st.error(f"Training failed: {status.get('error')}")
     elif state == "interrupted":

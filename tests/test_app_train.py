@@ -161,3 +161,22 @@ def test_a_run_whose_process_died_shows_as_interrupted(saves):
     at = page()
     assert "state **interrupted**" in " ".join(m.value for m in at.markdown)
     assert any("ended without finishing" in w.value for w in at.warning)
+
+
+def test_resume_continues_a_stopped_run_to_its_end(saves):
+    at = set_widgets(page(), {**LONG, "epochs": 4, "limit_train": 4000})
+    run_id = start(at)
+    deadline = time.time() + 180
+    while time.time() < deadline and len(open_run(run_id).epochs()) < 1:
+        time.sleep(0.2)
+    at.run()
+    (stop,) = [b for b in at.button if b.label == "Stop"]
+    stop.click().run()
+    assert wait_for(run_id, {"cancelled", "completed"})["state"] == "cancelled"
+    at.run()
+    (resume,) = [b for b in at.button if b.label == "Resume"]
+    resume.click().run()
+    assert not at.exception and not at.error
+    status = wait_for(run_id, {"completed", "failed", "cancelled", "interrupted"}, timeout=240)
+    assert status["state"] == "completed", (open_run(run_id).path / "train.log").read_text()
+    assert [e["epoch"] for e in open_run(run_id).epochs()] == [1, 2, 3, 4]

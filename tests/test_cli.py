@@ -118,3 +118,27 @@ def test_sigterm_stops_cooperatively_and_keeps_a_checkpoint(tmp_path):
     assert summary["state"] == "cancelled"
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "cancelled" and (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists()
+
+
+def test_resume_continues_a_killed_run_from_its_last_epoch(tmp_path):
+    env = {**os.environ, "LSTM_SAVES": str(tmp_path), "LSTM_DATA": str(DATA_DIR)}
+    proc = subprocess.Popen([sys.executable, "-m", "lstm_core", "train", *TINY[:2], "--epochs", "6",
+                             "--limit-train", "4000", "--val-size", "1000", "--batch-size", "50"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    run_dir = Path(proc.stdout.readline().strip())
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"event": "epoch"') >= 2):
+        time.sleep(0.1)
+    proc.kill()                                                   # SIGKILL: no chance to clean up
+    proc.wait()
+    status = json.loads(cli("runs", "--json", saves=tmp_path, check=True).stdout)[0]
+    assert status["state"] == "interrupted"
+    done = status["epochs_done"]
+    result = cli("train", "--resume", run_dir.name, "--json", saves=tmp_path, check=True)
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["state"] == "completed" and summary["epochs"] == 6
+    epochs = [json.loads(l)["epoch"] for l in metrics.read_text().splitlines() if '"event": "epoch"' in l]
+    assert epochs == list(range(1, done + 1)) + list(range(done + 1, 7))   # nothing redone, nothing lost
+    again = cli("train", "--resume", run_dir.name, saves=tmp_path)
+    assert again.returncode == 2 and "is completed" in again.stderr

@@ -15,7 +15,7 @@ from lstm_core.data import make_splits
 from lstm_core.evaluate import evaluate
 from lstm_core.models import build_model
 from lstm_core.runs import (Run, RunError, RunRecorder, atomic_torch_save, create_run, list_runs, load_checkpoint,
-                            load_model, open_run, read_jsonl, safe_name)
+                            load_model, open_run, read_jsonl, resume_checkpoint, safe_name)
 from lstm_core.train import Callback, fit
 
 
@@ -136,20 +136,52 @@ def test_run_ids_cannot_leave_the_saves_root(tmp_path, name):
         open_run(name, tmp_path)
 
 
-def test_a_stop_mid_epoch_keeps_a_partial_checkpoint_and_reads_cancelled(tmp_path, mnist):
+class StopAt(Callback):
+    def __init__(self, stop, epoch, batch):
+        self.stop, self.epoch, self.batch = stop, epoch, batch
+
+    def on_batch(self, state, record):
+        if state.epoch == self.epoch and state.batch == self.batch:
+            self.stop.set()
+
+
+def test_a_stop_mid_epoch_keeps_the_last_epoch_checkpoint_and_reads_cancelled(tmp_path, mnist):
     run = create_run(tiny_config(epochs=3, log_every=1), tmp_path)
     stop = threading.Event()
-
-    class StopSoon(Callback):
-        def on_batch(self, state, record):
-            if state.epoch == 1 and state.batch == 5:
-                stop.set()
-
-    fit(run.config(), [RunRecorder(run), StopSoon()], stop=stop, data=mnist)
+    fit(run.config(), [RunRecorder(run), StopAt(stop, 1, 5)], stop=stop, data=mnist)   # in epoch 2
     assert run.status()["state"] == "cancelled"
     last = torch.load(run.last_path, weights_only=True)
-    assert last["partial"] and last["epoch"] == 1
+    assert not last["partial"] and last["epoch"] == 1                # the end of epoch 1: resumable
     assert run.best_path.exists() and run.eval()["stopped"] == "cancelled"
+
+
+def test_a_stop_in_the_first_epoch_still_saves_its_weights(tmp_path, mnist):
+    run = create_run(tiny_config(epochs=3, log_every=1), tmp_path)
+    stop = threading.Event()
+    fit(run.config(), [RunRecorder(run), StopAt(stop, 0, 5)], stop=stop, data=mnist)
+    last = torch.load(run.last_path, weights_only=True)
+    assert last["partial"] and last["epoch"] == 0 and run.best_path.exists()
+    with pytest.raises(RunError, match="nothing to resume"):
+        resume_checkpoint(run)
+
+
+def test_resuming_after_a_stop_gives_the_same_run_as_never_stopping(tmp_path, mnist):
+    config = tiny_config(epochs=4, log_every=1, dropout=0.2, scheduler="onecycle", patience=0,
+                         aug_rotate=5.0, aug_translate=0.05)
+    straight = create_run(config, tmp_path)
+    fit(config, [RunRecorder(straight)], data=mnist)
+
+    stopped = create_run(config, tmp_path)
+    stop = threading.Event()
+    fit(config, [RunRecorder(stopped), StopAt(stop, 2, 3)], stop=stop, data=mnist)   # dies in epoch 3
+    assert len(stopped.epochs()) == 2
+    history = fit(config, [RunRecorder(stopped)], data=mnist, resume=resume_checkpoint(stopped))
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3, 4]
+    assert [e["val_loss"] for e in history.epochs] == [e["val_loss"] for e in straight.epochs()]
+    assert history.test["accuracy"] == straight.eval()["test_accuracy"]
+    a = torch.load(straight.final_path, weights_only=True)
+    b = torch.load(stopped.final_path, weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_crash_marks_the_run_failed_with_the_error(tmp_path, mnist):
