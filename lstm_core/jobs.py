@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 
 from .config import TrainConfig
 from .devices import resolve_device
-from .runs import LIVE_STATES, Run, RunError, create_run, process_alive, resume_checkpoint, saves_root
+from .runs import (LIVE_STATES, Run, RunError, create_run, process_alive, process_start_time, resume_checkpoint,
+                   saves_root)
 
 try:
     import fcntl
@@ -126,7 +127,7 @@ def start_process(run: Run, how: str, root: str | Path | None) -> None:
     with open(run.path / "train.log", "ab") as log:
         process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    run.write_status(pid=process.pid, pid_start=None)
+    run.write_status(pid=process.pid, pid_start=process_start_time(process.pid))
     _CHILDREN.append(process)
     reap()
 

@@ -36,6 +36,13 @@ class LSTMClassifier(nn.Module):
         """The last layer's output at every step, (B, T, D*H)."""
         return self.lstm(x)[0]
 
+    def logits_from_states(self, out: torch.Tensor) -> torch.Tensor:
+        """forward(x) from hidden_states(x), (B, T, D*H) -> (B, 10), without running the LSTM again: the
+        forward direction's state after step T and, bidirectional, the backward one's after step 1."""
+        hidden = self.lstm.hidden_size
+        last = torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], 1) if self.lstm.bidirectional else out[:, -1]
+        return self.head(self.dropout(last))
+
     def forward_steps(self, x: torch.Tensor) -> torch.Tensor:
         """Logits after every time step, (B, T, 10): what the model would answer had the image ended
         there. Unidirectional models only (a backward pass has read the whole image at every step)."""

@@ -147,12 +147,14 @@ def predict(model: torch.nn.Module, config: TrainConfig, digit: Digit, details: 
     """Class probabilities for one digit; with `details`, the LSTM's belief and hidden state per step."""
     device = next(model.parameters()).device
     x = model_input(normalize(digit.image.to(device))[None], config)              # (1, T, F) or (1, 1, 28, 28)
-    probs = model(x).softmax(1)[0]
     steps = hidden = None
     if details and config.arch == "lstm":
-        states = model.hidden_states(x)                                          # (1, T, D*H)
+        states = model.hidden_states(x)                                          # (1, T, D*H), one pass
+        probs = model.logits_from_states(states).softmax(1)[0]
         hidden = states[0].float().cpu().tolist()
         if not config.bidirectional:
             steps = model.head(model.dropout(states)).softmax(2)[0].float().cpu().tolist()
+    else:
+        probs = model(x).softmax(1)[0]
     p = probs.float().cpu()
     return Prediction(p.tolist(), int(p.argmax()), float(p.max()), steps, hidden)

@@ -267,8 +267,18 @@ def list_models(root: str | Path | None = None) -> list[dict]:
     """Every run and tuning trial with a usable best.pt (finished, or stopped by the user), best
     validation accuracy first: what the Draw page can predict with."""
     rows = [{**r, "kind": "run"} for r in list_runs(root)] + list_trials(root)
-    usable = [r for r in rows if r["state"] in ("completed", "cancelled") and (Path(r["path"]) / "best.pt").exists()]
+    # a cancelled run counts once it has finished an epoch (before that its weights are barely trained)
+    usable = [r for r in rows if (r["state"] == "completed" or (r["state"] == "cancelled" and r["epochs_done"]))
+              and (Path(r["path"]) / "best.pt").exists()]
     return sorted(usable, key=lambda r: -(r["best_val_accuracy"] or 0.0))
+
+
+def describe_model(row: dict) -> str:
+    """A run's model in a few words: "LSTM 1x128, rows", "BiLSTM 2x128, rows", "CNN"."""
+    if row.get("arch") == "cnn":
+        return "CNN"
+    kind = "BiLSTM" if row.get("bidirectional") else "LSTM"
+    return f"{kind} {row.get('num_layers')}x{row.get('hidden_size')}, {row.get('seq_mode')}"
 
 
 def summarize(run: Run) -> dict:

@@ -3,7 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from lstm_core.devices import available_devices
-from lstm_core.runs import list_runs, saves_root
+from lstm_core.runs import describe_model, list_runs, saves_root
 
 RECENT = 8  # the newest runs shown here; the Runs page has them all
 COLUMNS = {
@@ -14,13 +14,6 @@ COLUMNS = {
     "duration_s": st.column_config.NumberColumn("Duration", format="%.0f s"),
     "device": st.column_config.TextColumn("Device"),
 }
-
-
-def model_label(run: dict) -> str:
-    if run["arch"] == "cnn":
-        return "CNN"
-    kind = "BiLSTM" if run["bidirectional"] else "LSTM"
-    return f"{kind} {run['num_layers']}x{run['hidden_size']}, {run['seq_mode']}"
 
 
 def home() -> None:
@@ -54,7 +47,7 @@ def home() -> None:
                 "`python -m lstm_core train --preset default`.")
         st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
         return
-    table = pd.DataFrame([{**r, "model": model_label(r)} for r in runs[:RECENT]])
+    table = pd.DataFrame([{**r, "model": describe_model(r)} for r in runs[:RECENT]])
     table["test_accuracy"] = pd.to_numeric(table["test_accuracy"], errors="coerce") * 100
     st.dataframe(table, hide_index=True, column_order=list(COLUMNS), column_config=COLUMNS)
     if len(runs) > RECENT:

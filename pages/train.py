@@ -126,6 +126,7 @@ def start(config: TrainConfig) -> None:
     holder = device_holder(device)
     run = launch_training(config)
     st.session_state["train_run"] = run.id
+    st.session_state["train_follow"] = True
     if holder:
         st.session_state["train_notice"] = (f"{device} is busy with run {holder}: run {run.id} is queued and "
                                             "starts when it ends.")
@@ -258,8 +259,10 @@ def train_page() -> None:
             st.info("No runs yet: set the hyperparameters on the left and press **Start training**.")
             return
         labels = {r["id"]: f"{r['id']} · {r['state']}" for r in runs}
-        current = default_run(runs)
-        chosen = st.selectbox("Run", list(labels), index=list(labels).index(current), format_func=labels.get)
+        # the picker keeps the user's choice; a run started here (or a vanished choice) moves it
+        if st.session_state.get("train_pick") not in labels or st.session_state.pop("train_follow", False):
+            st.session_state["train_pick"] = default_run(runs)
+        chosen = st.selectbox("Run", list(labels), key="train_pick", format_func=labels.get)
         st.session_state["train_run"] = chosen
         live = next(r["state"] for r in runs if r["id"] == chosen) in LIVE_STATES
         st.fragment(show_run, run_every=REFRESH_SECONDS if live else None)(chosen)

@@ -180,3 +180,20 @@ def test_resume_continues_a_stopped_run_to_its_end(saves):
     status = wait_for(run_id, {"completed", "failed", "cancelled", "interrupted"}, timeout=240)
     assert status["state"] == "completed", (open_run(run_id).path / "train.log").read_text()
     assert [e["epoch"] for e in open_run(run_id).epochs()] == [1, 2, 3, 4]
+
+
+def test_the_run_picker_keeps_the_users_choice(saves, mnist):
+    from conftest import tiny_config
+    from lstm_core.runs import RunRecorder
+    from lstm_core.train import fit
+    ids = []
+    for _ in range(3):
+        run = create_run(tiny_config(epochs=1), saves)
+        fit(run.config(), [RunRecorder(run)], data=mnist)
+        ids.append(run.id)
+    at = page()
+    assert at.selectbox(key="train_pick").value == ids[-1]             # newest first
+    for choice in (ids[0], ids[1], ids[0]):
+        at.selectbox(key="train_pick").set_value(choice).run()
+        assert at.selectbox(key="train_pick").value == choice
+        assert f"**Run `{choice}`**" in " ".join(m.value for m in at.markdown)

@@ -47,3 +47,10 @@ def test_parameter_counts_follow_the_config():
     # 4 gates x (input + hidden + 2 biases) x hidden for one layer, then the head
     model = build_model(TrainConfig(hidden_size=128, num_layers=1))
     assert count_parameters(model) == 4 * 128 * (28 + 128 + 2) + 128 * 10 + 10
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_logits_from_states_equal_forward(bidirectional):
+    model = LSTMClassifier(28, 12, num_layers=2, bidirectional=bidirectional).eval()
+    x = torch.randn(3, 28, 28)
+    assert torch.allclose(model.logits_from_states(model.hidden_states(x)), model(x), atol=1e-6)
