@@ -7,4 +7,6 @@ st.navigation([
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/draw.py", title="Draw", icon=":material/draw:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/table_chart:"),
+    st.Page("pages/tuning.py", title="Tuning", icon=":material/tune:"),
+    st.Page("pages/evaluate.py", title="Evaluate", icon=":material/grid_on:"),
 ]).run()

@@ -273,7 +273,7 @@ def command_runs(args: argparse.Namespace) -> int:
 def command_tune(args: argparse.Namespace) -> int:
     import subprocess
 
-    from .runs import atomic_write_json, process_start_time, safe_name
+    from .runs import atomic_write_json, process_start_time, safe_name, saves_root
     from .tune import default_storage, finished_trials, load_space, make_storage, run_worker, state_counts, study_dir
 
     safe_name(args.study, "study name")
@@ -282,6 +282,7 @@ def command_tune(args: argparse.Namespace) -> int:
     base = config_from_args(args)
     space = load_space(args.space)
     storage = args.storage or default_storage(args.saves)
+    saves_root(args.saves).mkdir(parents=True, exist_ok=True)   # the default SQLite file lives there
     make_storage(storage)                       # an unreachable or malformed URL fails here, clearly
     if base.num_threads == 0:                   # K workers share the cores instead of fighting over them
         base = base.replace(num_threads=max(1, (os.cpu_count() or 1) // args.workers))

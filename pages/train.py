@@ -183,18 +183,15 @@ def show_run(run_id: str) -> None:
     batches = [r for r in metrics if r.get("event") == "batch"]
     head, stop_col = st.columns([5, 1])
     head.markdown(f"**Run `{run.id}`** · state **{state}** · {status.get('device') or config.device}")
-    if live and stop_col.button("Stop", key=f"stop_{run.id}", type="primary", use_container_width=True):
-        request_stop(run)
-        st.toast(f"Stopping run {run.id} after the current batch")
-    if state in ("cancelled", "interrupted", "failed") and run.last_path.exists() and \
-            stop_col.button("Resume", key=f"resume_{run.id}", use_container_width=True,
-                            help="continue from the end of the last finished epoch"):
-        try:
-            launch_resume(run)
-        except RunError as exc:
-            st.error(str(exc))
-        else:
-            st.rerun()
+    # callbacks, not `if st.button(...)`: a click must not be lost to the fragment's timed rerun
+    if live:
+        stop_col.button("Stop", key=f"stop_{run.id}", type="primary", use_container_width=True,
+                        on_click=stop_run, args=(run,))
+    if state in ("cancelled", "interrupted", "failed") and run.last_path.exists():
+        stop_col.button("Resume", key=f"resume_{run.id}", use_container_width=True, on_click=resume_run,
+                        args=(run,), help="continue from the end of the last finished epoch")
+    if st.session_state.get("train_error"):
+        st.error(st.session_state.pop("train_error"))
     if state == "failed":
         st.error(f"Training failed: {status.get('error')}")
     elif state == "interrupted":
@@ -215,6 +212,18 @@ def show_run(run_id: str) -> None:
         st.plotly_chart(running_loss_figure(batches), key=f"running_{run.id}")
     if not live:
         show_results(run)
+
+
+def stop_run(run) -> None:
+    request_stop(run)
+    st.toast(f"Stopping run {run.id} after the current batch")
+
+
+def resume_run(run) -> None:
+    try:
+        launch_resume(run)
+    except RunError as exc:
+        st.session_state["train_error"] = str(exc)
 
 
 def show_results(run) -> None:
