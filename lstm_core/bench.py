@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "matmul_gflops": {k: v / 1e9 for k, v in peak.items()}, "train": []}
-    print(f"matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()), flush=True)
+    print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()), flush=True)
     print(f"{'preset':<10}{'dtype':<6}{'samples/s':>10}{'MFLOP/sample':>14}{'GFLOP/s':>9}{'roofline':>10}"
           f"{'baseline':>10}{'speedup':>9}", flush=True)
     for name in args.presets:

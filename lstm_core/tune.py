@@ -12,7 +12,6 @@ optuna.load_study open it as they would any other.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -207,10 +206,6 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     return study
 
 
-def worker_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lstm_core", "tune", *args, "--worker"]
-
-
 def launch_study(args: list[str], name: str, root: str | Path | None = None) -> subprocess.Popen:
     """Start `python -m lstm_core tune ARGS` detached (a refresh or another user does not stop it)."""
     folder = study_dir(name, root)
@@ -273,6 +268,3 @@ def state_counts(study: optuna.Study) -> dict[str, int]:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
 
-
-def finite_or_none(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, REPO, tiny_config
+from conftest import DATA_DIR, REPO
 
 TINY = ["--hidden-size", "48", "--epochs", "2", "--batch-size", "50", "--limit-train", "2000", "--val-size", "1000",
         "--lr", "0.01", "--optimizer", "adam", "--scheduler", "none"]
