@@ -29,11 +29,27 @@ def mnist():
 
 @pytest.fixture
 def saves(tmp_path, monkeypatch) -> Path:
-    """An empty saves root for this test, also exported as LSTM_SAVES for code that reads it."""
+    """An empty saves root for this test, also exported as LSTM_SAVES for code that reads it. Training
+    processes a test started there are stopped afterwards, passed or failed: they outlive their
+    launcher by design, and one left behind would slow every later test."""
     root = tmp_path / "saves"
     root.mkdir()
     monkeypatch.setenv("LSTM_SAVES", str(root))
-    return root
+    yield root
+    stop_live_runs(root)
+
+
+def stop_live_runs(root: Path, timeout: float = 60) -> None:
+    from lstm_core.jobs import request_stop
+    from lstm_core.runs import LIVE_STATES, list_runs, open_run
+
+    live = [r["id"] for r in list_runs(root) if r["state"] in LIVE_STATES]
+    for run_id in live:
+        request_stop(open_run(run_id, root))
+    deadline = time.time() + timeout
+    while live and time.time() < deadline:
+        time.sleep(0.2)
+        live = [i for i in live if open_run(i, root).status().get("state") in LIVE_STATES]
 
 
 def tiny_config(**changes) -> TrainConfig:

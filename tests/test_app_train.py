@@ -143,7 +143,9 @@ def test_a_second_run_on_the_same_device_is_queued_behind_the_first(saves):
     wait_for(first, {"running"})
     second = start(at)
     assert any(f"busy with run {first}" in i.value and "queued" in i.value for i in at.info)
-    time.sleep(2)
+    deadline = time.time() + 120          # the second process needs a moment to start and ask for the device
+    while time.time() < deadline and not open_run(second).status().get("waiting_for"):
+        time.sleep(0.2)
     assert open_run(second).status()["state"] == "queued"
     assert open_run(second).status().get("waiting_for") == first
     for run_id in (second, first):
