@@ -145,7 +145,7 @@ def request_stop(run: Run) -> None:
     (run.path / STOP_FILE).touch()
     status = run.status()
     pid = status.get("pid")
-    if status.get("state") in LIVE_STATES and process_alive(pid, status.get("pid_start")):
+    if status.get("state") in LIVE_STATES and pid != os.getpid() and process_alive(pid, status.get("pid_start")):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
 

@@ -43,7 +43,9 @@ def stop_live_runs(root: Path, timeout: float = 60) -> None:
     from lstm_core.jobs import request_stop
     from lstm_core.runs import LIVE_STATES, list_runs, open_run
 
-    live = [r["id"] for r in list_runs(root) if r["state"] in LIVE_STATES]
+    # runs this very process created (create_run in a test) have no training process to stop
+    live = [r["id"] for r in list_runs(root) if r["state"] in LIVE_STATES
+            and open_run(r["id"], root).status().get("pid") != os.getpid()]
     for run_id in live:
         request_stop(open_run(run_id, root))
     deadline = time.time() + timeout
