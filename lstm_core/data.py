@@ -246,19 +246,26 @@ def augment(images01: torch.Tensor, config: TrainConfig, generator: torch.Genera
     images01: (B, 28, 28) floats in [0, 1]."""
     b = images01.shape[0]
     u = torch.rand(b, 5, generator=generator).mul_(2).sub_(1)  # uniform in [-1, 1], from the CPU generator
-    u = u.to(images01.device)
-    angle = torch.deg2rad(u[:, 0] * config.aug_rotate)
-    shear = torch.deg2rad(u[:, 1] * config.aug_shear)
-    scale = 1 + u[:, 2] * config.aug_scale
-    tx, ty = u[:, 3] * config.aug_translate * 2, u[:, 4] * config.aug_translate * 2  # grid spans [-1, 1]
-    cos, sin = torch.cos(angle), torch.sin(angle)
+    spans = torch.tensor([math.radians(config.aug_rotate), math.radians(config.aug_shear), config.aug_scale,
+                          config.aug_translate * 2, config.aug_translate * 2])  # the grid spans [-1, 1]
+    angle, shear, zoom, tx, ty = (u * spans).to(images01.device).unbind(1)
+    cos, sin, tan, scale = torch.cos(angle), torch.sin(angle), torch.tan(shear), 1 + zoom
     # inverse map (output pixel -> input pixel): rotate, shear along x, then scale
-    theta = torch.stack([
-        torch.stack([cos / scale, (-sin + torch.tan(shear) * cos) / scale, tx], 1),
-        torch.stack([sin / scale, (cos + torch.tan(shear) * sin) / scale, ty], 1),
-    ], 1)                                                                              # (B, 2, 3)
-    grid = F.affine_grid(theta, (b, 1, 28, 28), align_corners=False)
+    theta = torch.stack([cos / scale, (tan * cos - sin) / scale, tx,
+                         sin / scale, (cos + tan * sin) / scale, ty], 1).view(b, 2, 3)
+    grid = (base_grid(images01.device) @ theta.transpose(1, 2)).view(b, 28, 28, 2)  # = F.affine_grid
     return F.grid_sample(images01.unsqueeze(1), grid, align_corners=False, padding_mode="zeros").squeeze(1)
+
+
+_base_grids: dict[torch.device, torch.Tensor] = {}
+
+
+def base_grid(device: torch.device) -> torch.Tensor:
+    """Pixel centres of a 28x28 image as (x, y, 1) in [-1, 1], (784, 3): affine_grid's grid, made once."""
+    if device not in _base_grids:
+        xy = F.affine_grid(torch.eye(2, 3)[None], [1, 1, 28, 28], align_corners=False).view(784, 2)
+        _base_grids[device] = torch.cat([xy, torch.ones(784, 1)], 1).to(device)
+    return _base_grids[device]
 
 
 def has_augmentation(config: TrainConfig) -> bool:

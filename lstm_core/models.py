@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
+from .fused import run_lstm
 
 
 class LSTMClassifier(nn.Module):
@@ -25,16 +26,16 @@ class LSTMClassifier(nn.Module):
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, (h_n, _) = self.lstm(x)                  # out (B, T, D*H); h_n (layers*D, B, H)
+        out, (h_n, _) = run_lstm(self.lstm, x)        # out (B, T, D*H); h_n (layers*D, B, H)
         if self.lstm.bidirectional:
             last = torch.cat([h_n[-2], h_n[-1]], 1)   # (B, 2H): forward's and backward's final states
         else:
-            last = out[:, -1]                         # (B, H)
+            last = h_n[-1]                            # (B, H), = out[:, -1]
         return self.head(self.dropout(last))          # (B, 10)
 
     def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output at every step, (B, T, D*H)."""
-        return self.lstm(x)[0]
+        return run_lstm(self.lstm, x)[0]
 
     def logits_from_states(self, out: torch.Tensor) -> torch.Tensor:
         """forward(x) from hidden_states(x), (B, T, D*H) -> (B, 10), without running the LSTM again: the

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import MNIST, Splits, batch_input, load_mnist, make_splits
-from .devices import resolve_device
+from .devices import keep_freed_memory, resolve_device
 from .evaluate import autocast, evaluate
+from .fused import flush_denormals
 from .models import build_model
 
 PER_BATCH_SCHEDULERS = ("onecycle", "cosine")
@@ -81,14 +82,17 @@ class FitState:
     started: float = field(default_factory=time.perf_counter)
 
 
-def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter],
+                   device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    # one fused kernel for all parameters instead of a dozen ops each (CPU and CUDA have them)
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(params, config.lr, weight_decay=config.weight_decay, **fused)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(params, config.lr, weight_decay=config.weight_decay, **fused)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               nesterov=config.momentum > 0)
+                               nesterov=config.momentum > 0, **fused)
     return torch.optim.RMSprop(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
@@ -135,10 +139,13 @@ def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = Non
         torch.set_num_threads(config.num_threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    if device.type == "cpu":
+        keep_freed_memory()
+        flush_denormals()
     torch.manual_seed(config.seed)
     splits: Splits = make_splits(data or load_mnist(), config, device)
     model = build_model(config).to(device)
-    optimizer = make_optimizer(config, model.parameters())
+    optimizer = make_optimizer(config, model.parameters(), device)
     n_train = len(splits.train_y)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
     state = FitState(config, device, model, optimizer, make_scheduler(config, optimizer, steps_per_epoch),

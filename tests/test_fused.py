@@ -1,0 +1,120 @@
+"""The fused CPU LSTM: nn.LSTM's results and gradients, its fallbacks, and its dropout."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lstm_core import fused
+from lstm_core.devices import keep_freed_memory
+
+from conftest import REPO
+
+
+def test_kernel_builds_here():
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: nn.LSTM is used instead")
+    assert fused.available(), fused._state.get("error")
+
+
+def run_both(lstm: nn.LSTM, x: torch.Tensor):
+    """Outputs and every gradient (weights and input) of nn.LSTM and of run_lstm for one random loss."""
+    results = []
+    weights = None
+    for fn in (lstm, lambda inp: fused.run_lstm(lstm, inp)):
+        lstm.zero_grad()
+        inp = x.clone().requires_grad_()
+        out, (h, c) = fn(inp)
+        if weights is None:
+            gen = torch.Generator().manual_seed(1)
+            weights = [torch.randn(t.shape, generator=gen) for t in (out, h, c)]
+        sum((t * w).sum() for t, w in zip((out, h, c), weights)).backward()
+        results.append([out.detach(), h.detach(), c.detach(), inp.grad] + [p.grad.clone() for p in lstm.parameters()])
+    return results
+
+
+@pytest.mark.parametrize("layers,bidirectional,hidden", [(1, False, 128), (3, False, 95), (2, True, 64)])
+def test_matches_nn_lstm_outputs_and_gradients(layers, bidirectional, hidden):
+    torch.manual_seed(0)
+    lstm = nn.LSTM(28, hidden, layers, batch_first=True, bidirectional=bidirectional)
+    x = torch.randn(7, 28, 28)          # odd batch: uneven rows per thread
+    assert fused.applies(lstm, x)
+    ref, ours = run_both(lstm, x)
+    for a, b in zip(ref, ours):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
+
+
+def test_final_state_only_matches_too():
+    """The classifier reads h_n alone: the backward pass then gets no per-step gradient at all."""
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(28, 32, 2, batch_first=True), nn.Linear(32, 10)
+    x, y = torch.randn(5, 28, 28), torch.randint(0, 10, (5,))
+    grads = []
+    for fn in (lstm, lambda inp: fused.run_lstm(lstm, inp)):
+        lstm.zero_grad()
+        nn.functional.cross_entropy(head(fn(x)[1][0][-1]), y).backward()
+        grads.append([p.grad.clone() for p in lstm.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_inference_mode_and_batch_of_one():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(1, 16, 1, batch_first=True).eval()
+    x = torch.randn(1, 50, 1)
+    with torch.inference_mode():
+        out, (h, _) = fused.run_lstm(lstm, x)
+        ref, (h_ref, _) = lstm(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_falls_back_to_nn_lstm_where_the_kernel_does_not_apply():
+    lstm = nn.LSTM(28, 16, batch_first=True)
+    assert not fused.applies(lstm.double(), torch.randn(2, 28, 28, dtype=torch.float64))
+    lstm = lstm.float()
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not fused.applies(lstm, torch.randn(2, 28, 28))
+        out, _ = fused.run_lstm(lstm, torch.randn(2, 28, 28))
+    assert out.dtype == torch.bfloat16                      # nn.LSTM under autocast ran
+    assert not fused.applies(nn.LSTM(28, 16, batch_first=False), torch.randn(28, 2, 28))
+    fused.enable(False)
+    try:
+        assert not fused.applies(lstm, torch.randn(2, 28, 28))
+    finally:
+        fused.enable(True)
+
+
+def test_switched_off_by_environment():
+    code = "from lstm_core import fused; print(fused.available())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={**os.environ, "LSTM_STUDIO_FUSED": "0"})
+    assert out.stdout.strip() == "False"
+
+
+def test_dropout_between_layers():
+    torch.manual_seed(0)
+    mask = fused.dropout_mask(torch.Size([200, 500]), 0.3)
+    assert mask.unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
+    assert mask.eq(0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert mask.mean().item() == pytest.approx(1.0, abs=0.02)   # expectation kept
+    torch.manual_seed(0)
+    assert torch.equal(fused.dropout_mask(torch.Size([200, 500]), 0.3), mask)   # follows torch's seed
+    assert not torch.equal(fused.dropout_mask(torch.Size([200, 500]), 0.3), mask)
+    # in training, layer outputs are dropped; in eval the model is deterministic and equals nn.LSTM
+    lstm = nn.LSTM(28, 32, 2, batch_first=True, dropout=0.5)
+    x = torch.randn(4, 28, 28)
+    assert not torch.allclose(fused.run_lstm(lstm, x)[0], fused.run_lstm(lstm, x)[0])
+    lstm.eval()
+    torch.testing.assert_close(fused.run_lstm(lstm, x)[0], lstm(x)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_keep_freed_memory_on_glibc():
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_memory()
