@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test bench setup setup-test chromium postgres clean
+.PHONY: run test bench load setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -19,6 +19,11 @@ test: $(VENV)/.installed-test chromium postgres
 # Speed and accuracy figures (the README's table); BENCH_ARGS="--full default" also trains to the end.
 bench: $(VENV)/.installed
 	$(PY) -m lstm_core.bench $(BENCH_ARGS)
+
+# The Draw page under load (issue 7): 20 sessions drawing while a training run goes on; p50/p95/p99 latency and
+# errors, written to saves/bench/load-<time>.json. LOAD_ARGS="--client browser --sessions 4" uses Chromium tabs.
+load: $(VENV)/.installed-test chromium
+	PYTHONPATH=. $(PY) -m tests.load_draw $(LOAD_ARGS)
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test

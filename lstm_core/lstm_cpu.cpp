@@ -1,12 +1,12 @@
 // The LSTM recurrence for CPUs in fp32, built on first use by lstm_core/fused.py.
 //
 // torch's CPU LSTM (oneDNN) spreads each time step's small GEMM over all threads, which synchronises the
-// threads T times per layer. Here the batch is split across threads once: each thread runs every step
-// of its own rows (one small GEMM and one fused gate loop per step) without waiting for the others. The
-// large GEMMs (input projection, weight gradients) stay in fused.py, one call for all time steps.
+// threads T times per layer. Here the batch is split across threads once: each thread takes its own rows
+// through everything (the input projection as one GEMM, every step with one small GEMM and one fused
+// gate loop, the weight gradients as one GEMM each) without waiting for the others.
 //
-// Layouts are time-major: gates (T, B, 4H) in torch's i, f, g, o order; hs, cs (T + 1, B, H) with the
-// zero initial state in row 0; tcs (T, B, H) = tanh(cs[1:]), kept for the backward pass.
+// Layouts are batch-major, as batch_first: x (B, T, F), gates (B, T, 4H) in torch's i, f, g, o order,
+// hs, cs (B, T, H) and tcs = tanh(cs), kept for the backward pass. The initial state is zero.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -38,54 +38,64 @@ inline float fast_exp(float x) {
 inline float sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 inline float tanh_(float x) { return 2.f / (1.f + fast_exp(-2.f * x)) - 1.f; }
 
-// One step for n rows. gates: the input projection x W_ih^T, replaced by the activated gates; rec: the
-// recurrent part h W_hh^T; bias: b_ih + b_hh. Writes the new cell state, its tanh, and the hidden state.
-void cell_forward(float* __restrict gates, const float* __restrict rec, const float* __restrict bias,
-                  const float* __restrict c_prev, float* __restrict c, float* __restrict tc,
-                  float* __restrict h, int64_t n, int64_t H) {
+// One step for n rows. Row b's gates are at gates + b * gstride: the input projection x W_ih^T, replaced
+// by the activated gates; rec (n, 4H) the recurrent part h W_hh^T, or null at the first step; bias:
+// b_ih + b_hh. Writes the new cell state, its tanh and the hidden state (row b at + b * stride).
+template <bool kRec>
+void cell_forward(float* __restrict gates, int64_t gstride, const float* __restrict rec,
+                  const float* __restrict bias, const float* __restrict c_prev, float* __restrict c,
+                  float* __restrict tc, float* __restrict h, int64_t stride, int64_t n, int64_t H) {
   for (int64_t b = 0; b < n; ++b) {
-    float* __restrict g4 = gates + b * 4 * H;
-    const float* __restrict r4 = rec + b * 4 * H;
-    const int64_t k0 = b * H;
+    float* __restrict g4 = gates + b * gstride;
+    const float* __restrict r4 = kRec ? rec + b * 4 * H : nullptr;
+    const float* __restrict cp = kRec ? c_prev + b * stride : nullptr;
+    float* __restrict cb = c + b * stride;
+    float* __restrict tb = tc + b * stride;
+    float* __restrict hb = h + b * stride;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const float i = sigmoid(g4[j] + r4[j] + bias[j]);
-      const float f = sigmoid(g4[H + j] + r4[H + j] + bias[H + j]);
-      const float g = tanh_(g4[2 * H + j] + r4[2 * H + j] + bias[2 * H + j]);
-      const float o = sigmoid(g4[3 * H + j] + r4[3 * H + j] + bias[3 * H + j]);
-      const float cell = f * c_prev[k0 + j] + i * g;
+      const float i = sigmoid(g4[j] + (kRec ? r4[j] : 0.f) + bias[j]);
+      const float f = sigmoid(g4[H + j] + (kRec ? r4[H + j] : 0.f) + bias[H + j]);
+      const float g = tanh_(g4[2 * H + j] + (kRec ? r4[2 * H + j] : 0.f) + bias[2 * H + j]);
+      const float o = sigmoid(g4[3 * H + j] + (kRec ? r4[3 * H + j] : 0.f) + bias[3 * H + j]);
+      const float cell = (kRec ? f * cp[j] : 0.f) + i * g;
       const float t = tanh_(cell);
       g4[j] = i; g4[H + j] = f; g4[2 * H + j] = g; g4[3 * H + j] = o;
-      c[k0 + j] = cell;
-      tc[k0 + j] = t;
-      h[k0 + j] = o * t;
+      cb[j] = cell;
+      tb[j] = t;
+      hb[j] = o * t;
     }
   }
 }
 
-// One step back for n rows: the gates' gradients before activation into d_gates (and summed into
-// d_bias). dh holds the gradient reaching h from the next step; dh_out, dc_out (either may be null) the
-// gradients from outside the recurrence; dc is the running gradient of the cell state.
+// One step back for n rows: the gates' gradients before activation into d_gates (row b at + b * gstride;
+// also summed into d_bias). dh (n, H) holds the gradient reaching h from the next step; dh_out, dc_out
+// (either may be null) the gradients from outside the recurrence; dc (n, H) the running gradient of the
+// cell state. c_prev is null at the first step (the initial state is zero).
 template <bool kDhOut, bool kDcOut>
-void cell_backward(const float* __restrict act, const float* __restrict tc, const float* __restrict c_prev,
-                   const float* __restrict dh_out, const float* __restrict dc_out, const float* __restrict dh,
-                   float* __restrict dc, float* __restrict d_gates, float* __restrict d_bias, int64_t n,
-                   int64_t H) {
+void cell_backward(const float* __restrict act, float* __restrict d_gates, int64_t gstride,
+                   const float* __restrict tc, const float* __restrict c_prev, const float* __restrict dh_out,
+                   const float* __restrict dc_out, int64_t stride, const float* __restrict dh,
+                   float* __restrict dc, float* __restrict d_bias, int64_t n, int64_t H) {
   for (int64_t b = 0; b < n; ++b) {
-    const float* __restrict a = act + b * 4 * H;
-    float* __restrict d = d_gates + b * 4 * H;
-    const int64_t k0 = b * H;
+    const float* __restrict a = act + b * gstride;
+    float* __restrict d = d_gates + b * gstride;
+    const float* __restrict tb = tc + b * stride;
+    const float* __restrict cp = c_prev ? c_prev + b * stride : nullptr;
+    const float* __restrict dho = kDhOut ? dh_out + b * stride : nullptr;
+    const float* __restrict dco = kDcOut ? dc_out + b * stride : nullptr;
+    const float* __restrict dhb = dh + b * H;
+    float* __restrict dcb = dc + b * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const int64_t k = k0 + j;
-      const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j], t = tc[k];
-      const float dht = (kDhOut ? dh_out[k] : 0.f) + dh[k];
-      const float dct = (kDcOut ? dc_out[k] : 0.f) + dc[k] + dht * o * (1.f - t * t);
-      const float di = dct * g * i * (1.f - i), df = dct * c_prev[k] * f * (1.f - f);
+      const float i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j], t = tb[j];
+      const float dht = (kDhOut ? dho[j] : 0.f) + dhb[j];
+      const float dct = (kDcOut ? dco[j] : 0.f) + dcb[j] + dht * o * (1.f - t * t);
+      const float di = dct * g * i * (1.f - i), df = cp ? dct * cp[j] * f * (1.f - f) : 0.f;
       const float dg = dct * i * (1.f - g * g), d_o = dht * t * o * (1.f - o);
       d[j] = di; d[H + j] = df; d[2 * H + j] = dg; d[3 * H + j] = d_o;
       d_bias[j] += di; d_bias[H + j] += df; d_bias[2 * H + j] += dg; d_bias[3 * H + j] += d_o;
-      dc[k] = dct * f;
+      dcb[j] = dct * f;
     }
   }
 }
@@ -109,72 +119,105 @@ int64_t rows_per_thread(int64_t batch) {
   return std::max<int64_t>(1, (batch + threads - 1) / threads);
 }
 
-const float* rows_or_null(const torch::Tensor& t, int64_t step, int64_t offset) {
-  return t.defined() ? t[step].data_ptr<float>() + offset : nullptr;
-}
-
 }  // namespace
 
-// gates (T, B, 4H): x W_ih^T, overwritten with the activated gates (kept for backward); bias (4H).
-// Returns hs, cs (T + 1, B, H) and tcs (T, B, H).
-std::vector<torch::Tensor> lstm_forward(torch::Tensor gates, torch::Tensor w_hh, torch::Tensor bias) {
-  TORCH_CHECK(gates.dim() == 3 && gates.is_contiguous() && gates.scalar_type() == at::kFloat);
-  const int64_t T = gates.size(0), B = gates.size(1), H = w_hh.size(1);
-  auto hs = torch::empty({T + 1, B, H}, gates.options());
-  auto cs = torch::empty({T + 1, B, H}, gates.options());
-  auto tcs = torch::empty({T, B, H}, gates.options());
-  hs[0].zero_();
-  cs[0].zero_();
-  const auto w_t = w_hh.t().contiguous();  // (H, 4H)
+// x (B, T, F). Returns hs, cs, tcs (B, T, H): hidden state, cell state and tanh(cell) after every step,
+// and gates (B, T, 4H): the activated gates (for backward).
+std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
+                                        torch::Tensor bias) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat);
+  x = x.contiguous();
+  const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1);
+  auto gates = torch::empty({B, T, 4 * H}, x.options());
+  auto hs = torch::empty({B, T, H}, x.options());
+  auto cs = torch::empty({B, T, H}, x.options());
+  auto tcs = torch::empty({B, T, H}, x.options());
+  const auto w_ih_t = w_ih.t().contiguous(), w_hh_t = w_hh.t().contiguous();  // (F, 4H), (H, 4H)
   const auto b = bias.contiguous();
+  const float* bp = b.data_ptr<float>();
   const int64_t rows = rows_per_thread(B);
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, B, rows, [&](int64_t b0, int64_t b1) {
     WorkerMode mode(inference);
-    const int64_t n = b1 - b0, o = b0 * H;
-    auto rec = torch::empty({n, 4 * H}, gates.options());  // h[t] W_hh^T for these rows
+    const int64_t n = b1 - b0;
+    // the input projection of all these rows' steps: one GEMM on this thread
+    auto projection = gates.narrow(0, b0, n).view({n * T, 4 * H});
+    at::mm_out(projection, x.narrow(0, b0, n).view({n * T, F}), w_ih_t);
+    auto rec = torch::empty({n, 4 * H}, x.options());  // h[t - 1] W_hh^T for these rows
+    float* g0 = gates[b0].data_ptr<float>();
+    float *h0 = hs[b0].data_ptr<float>(), *c0 = cs[b0].data_ptr<float>(), *t0 = tcs[b0].data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(rec, hs[t].narrow(0, b0, n), w_t);
-      cell_forward(gates[t].data_ptr<float>() + b0 * 4 * H, rec.data_ptr<float>(), b.data_ptr<float>(),
-                   cs[t].data_ptr<float>() + o, cs[t + 1].data_ptr<float>() + o, tcs[t].data_ptr<float>() + o,
-                   hs[t + 1].data_ptr<float>() + o, n, H);
+      if (t == 0) {
+        cell_forward<false>(g0, T * 4 * H, nullptr, bp, nullptr, c0, t0, h0, T * H, n, H);
+        continue;
+      }
+      at::mm_out(rec, hs.narrow(0, b0, n).select(1, t - 1), w_hh_t);  // rows strided by T*H
+      cell_forward<true>(g0 + t * 4 * H, T * 4 * H, rec.data_ptr<float>(), bp, c0 + (t - 1) * H, c0 + t * H,
+                         t0 + t * H, h0 + t * H, T * H, n, H);
     }
   });
-  return {hs, cs, tcs};
+  return {hs, cs, tcs, gates};
 }
 
-// dhs, dcs (T, B, H) or None: the loss's gradients with respect to hs[1:] and cs[1:]; dh_last (B, H) or
-// None: with respect to the final hidden state. Returns d_gates (T, B, 4H) before activation, d_bias (4H).
+// dhs, dcs (B, T, H) or None: the loss's gradients with respect to hs and cs; dh_last (B, H) or None:
+// with respect to the final hidden state. Returns d_x (B, T, F) (undefined unless need_dx), d_w_ih,
+// d_w_hh and d_bias. Each thread takes its rows through every step back and then computes its share of
+// the weight gradients with single-threaded GEMMs; the shares are summed at the end.
 std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_none,
                                          std::optional<torch::Tensor> dcs_or_none,
-                                         std::optional<torch::Tensor> dh_last, torch::Tensor gates,
-                                         torch::Tensor cs, torch::Tensor tcs, torch::Tensor w_hh) {
-  const auto dhs = dhs_or_none.value_or(torch::Tensor()), dcs = dcs_or_none.value_or(torch::Tensor());
-  TORCH_CHECK((!dhs.defined() || dhs.is_contiguous()) && (!dcs.defined() || dcs.is_contiguous()));
-  const int64_t T = gates.size(0), B = gates.size(1), H = w_hh.size(1);
+                                         std::optional<torch::Tensor> dh_last, torch::Tensor x,
+                                         torch::Tensor w_ih, torch::Tensor w_hh, torch::Tensor gates,
+                                         torch::Tensor hs, torch::Tensor cs, torch::Tensor tcs, bool need_dx) {
+  const auto dhs = dhs_or_none.has_value() ? dhs_or_none->contiguous() : torch::Tensor();
+  const auto dcs = dcs_or_none.has_value() ? dcs_or_none->contiguous() : torch::Tensor();
+  x = x.contiguous();
+  const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1);
+  const auto w = w_hh.contiguous(), w_in = w_ih.contiguous();
+  const int64_t rows = rows_per_thread(B), parts = (B + rows - 1) / rows;
   auto d_gates = torch::empty_like(gates);
-  auto dh = dh_last.has_value() ? dh_last->contiguous().clone() : torch::zeros({B, H}, gates.options());
-  auto dc = torch::zeros({B, H}, gates.options());
-  const auto w = w_hh.contiguous();
-  const int64_t rows = rows_per_thread(B);
-  auto d_bias = torch::zeros({(B + rows - 1) / rows, 4 * H}, gates.options());  // a row per thread
+  auto d_x = need_dx ? torch::empty_like(x) : torch::Tensor();
+  auto dh = dh_last.has_value() ? dh_last->contiguous().clone() : torch::zeros({B, H}, x.options());
+  auto dc = torch::zeros({B, H}, x.options());
+  auto d_bias = torch::zeros({parts, 4 * H}, x.options());
+  auto d_w_ih = torch::empty({parts, 4 * H, F}, x.options());
+  auto d_w_hh = torch::zeros({parts, 4 * H, H}, x.options());
   const bool inference = c10::InferenceMode::is_enabled();
   const auto step = dhs.defined() ? (dcs.defined() ? cell_backward<true, true> : cell_backward<true, false>)
                                   : (dcs.defined() ? cell_backward<false, true> : cell_backward<false, false>);
   at::parallel_for(0, B, rows, [&](int64_t b0, int64_t b1) {
     WorkerMode mode(inference);
-    const int64_t n = b1 - b0, o = b0 * H;
+    const int64_t n = b1 - b0, part = b0 / rows;
     auto dh_rows = dh.narrow(0, b0, n);
-    float* bias_part = d_bias[b0 / rows].data_ptr<float>();
+    const float* a0 = gates[b0].data_ptr<float>();
+    float* d0 = d_gates[b0].data_ptr<float>();
+    const float *c0 = cs[b0].data_ptr<float>(), *t0 = tcs[b0].data_ptr<float>();
+    const float* dh0 = dhs.defined() ? dhs[b0].data_ptr<float>() : nullptr;
+    const float* dc0 = dcs.defined() ? dcs[b0].data_ptr<float>() : nullptr;
     for (int64_t t = T - 1; t >= 0; --t) {
-      auto dg = d_gates[t].narrow(0, b0, n);
-      step(gates[t].data_ptr<float>() + b0 * 4 * H, tcs[t].data_ptr<float>() + o, cs[t].data_ptr<float>() + o,
-           rows_or_null(dhs, t, o), rows_or_null(dcs, t, o), dh_rows.data_ptr<float>(), dc.data_ptr<float>() + o,
-           dg.data_ptr<float>(), bias_part, n, H);
-      if (t > 0) at::mm_out(dh_rows, dg, w);  // (n, 4H) @ (4H, H): the gradient reaching h[t - 1]
+      step(a0 + t * 4 * H, d0 + t * 4 * H, T * 4 * H, t0 + t * H, t > 0 ? c0 + (t - 1) * H : nullptr,
+           dh0 ? dh0 + t * H : nullptr, dc0 ? dc0 + t * H : nullptr, T * H, dh_rows.data_ptr<float>(),
+           dc.data_ptr<float>() + b0 * H, d_bias[part].data_ptr<float>(), n, H);
+      if (t > 0) at::mm_out(dh_rows, d_gates.narrow(0, b0, n).select(1, t), w);  // (n, 4H) @ (4H, H)
+    }
+    // weight gradients of these rows, all steps at once: dG^T x and dG^T h_prev, where h_prev of row
+    // (b, t) is row (b, t - 1) of hs: one row earlier in the flat (B*T, H) layout, except at t = 0
+    // (zero initial state), where the flat layout has the previous sample's last state instead.
+    const auto dg = d_gates.narrow(0, b0, n).view({n * T, 4 * H});
+    auto dw_ih = d_w_ih[part], dw_hh = d_w_hh[part];
+    at::mm_out(dw_ih, dg.t(), x.narrow(0, b0, n).view({n * T, F}));
+    if (T > 1) {
+      const auto h = hs.narrow(0, b0, n).view({n * T, H});
+      at::mm_out(dw_hh, dg.narrow(0, 1, n * T - 1).t(), h.narrow(0, 0, n * T - 1));
+      if (n > 1)  // take back the t = 0 rows' products with the previous sample's last state
+        dw_hh.addmm_(d_gates.narrow(0, b0 + 1, n - 1).select(1, 0).t(), hs.narrow(0, b0, n - 1).select(1, T - 1),
+                     1, -1);
+    }
+    if (need_dx) {
+      auto dx_rows = d_x.narrow(0, b0, n).view({n * T, F});
+      at::mm_out(dx_rows, dg, w_in);
     }
   });
-  return {d_gates, d_bias.sum(0)};
+  return {d_x, d_w_ih.sum(0), d_w_hh.sum(0), d_bias.sum(0)};
 }
 
 // Dropout's mask for `numel` values: 0 with probability p, else 1 / (1 - p). A counter-based hash of

@@ -2,6 +2,11 @@
 overlays of several runs."""
 from __future__ import annotations
 
+# Plotly uses numpy and pandas only if they are in sys.modules, without importing them: while another
+# thread is importing one (a second session's first page on a fresh server), it finds it half-initialized
+# and a figure fails with "partially initialized module". Imported here, they are whole before any figure.
+import numpy  # noqa: F401
+import pandas  # noqa: F401
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 

@@ -331,8 +331,7 @@ def load_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise RunError(f"no checkpoint at {path}") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad files
-        raise RunError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:200] if str(exc) else 'unreadable'})") from None
+        raise RunError(f"{path} is not a readable checkpoint ({load_failure(exc)})") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
         raise RunError(f"{path} is not an LSTM Studio checkpoint (no config and model inside)")
     if not isinstance(ckpt.get("format", 0), int) or not isinstance(ckpt["model"], dict):
@@ -340,6 +339,21 @@ def load_checkpoint(path: str | Path) -> dict:
     if ckpt.get("format", 0) > CHECKPOINT_FORMAT:
         raise RunError(f"{path} was written by a newer LSTM Studio (format {ckpt['format']})")
     return ckpt
+
+
+def load_failure(exc: Exception) -> str:
+    """Why torch.load refused a file, in one line. Never torch's own first line for weights_only: it
+    advises re-running with weights_only=False, which would execute a hostile file's code."""
+    text = str(exc)
+    if text.startswith("Weights only load failed"):
+        blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
+        if blocked:
+            return ("refused, nothing in it was run: it holds Python objects besides tensors and plain values: "
+                    f"{blocked[:200]}")
+        return "corrupt, or not a file written by torch.save"
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'unreadable'}"
 
 
 def resume_checkpoint(run: Run) -> dict:

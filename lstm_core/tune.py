@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,14 +137,22 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 def make_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
     """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and retried once."""
     kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
-    if heartbeat:
-        kwargs.update(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=2 * HEARTBEAT_SECONDS,
-                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
     try:
-        return optuna.storages.RDBStorage(url, **kwargs)
+        with warnings.catch_warnings():       # heartbeats are "experimental" in Optuna since 2.x: not news
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if heartbeat:
+                kwargs.update(heartbeat_interval=HEARTBEAT_SECONDS, grace_period=2 * HEARTBEAT_SECONDS)
+                if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):   # Optuna >= 4.9's names
+                    kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(1)
+                else:
+                    kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=1)
+            return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad or unreachable URL
-        raise ConfigError(f"cannot open the study storage {url!r}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:300]}") from None
+        if isinstance(exc, ImportError) and isinstance(exc.__cause__, ImportError):   # optuna hides which one
+            reason = f"the URL's database driver is not installed ({exc.__cause__})"
+        else:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        raise ConfigError(f"cannot open the study storage {url!r}: {reason}") from None
 
 
 def finished_trials(study: optuna.Study) -> int:

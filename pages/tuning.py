@@ -17,6 +17,7 @@ import optuna.visualization as ov
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 
 from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, ConfigError, preset
 from lstm_core.plots import confusion_figure, per_class_figure
@@ -24,6 +25,11 @@ from lstm_core.runs import RunError, atomic_write_json, run_at, safe_name, saves
 from lstm_core.tune import (DEFAULT_SPACE, PRUNERS, SAMPLERS, check_space, default_storage, launch_study,
                             make_storage, request_study_stop, state_counts, study_dir, study_summaries, trial_rows,
                             worker_pids)
+
+# Streamlit's legacy mode (a fresh server whose first request named this page): see streamlit_app.py
+if PagesManager.uses_pages_directory:
+    PagesManager.uses_pages_directory = False
+    st.rerun()
 
 REFRESH_SECONDS = 2.0
 TARGET = "val accuracy"     # what every trial's value is (the best validation accuracy of its epochs)
@@ -400,7 +406,7 @@ def tuning_page() -> None:
         st.success(notice)
     where, which = st.columns([3, 2])
     url = where.text_input("Study storage", key="tune_storage", help="any Optuna storage URL, e.g. "
-                           "sqlite:///path/optuna.db or postgresql://user@host/db")
+                           "sqlite:///path/optuna.db or postgresql+psycopg2://user@host/db")
     remember("tune_storage")
     if url == default_storage():
         saves_root().mkdir(parents=True, exist_ok=True)   # a fresh install: an empty storage, not an error

@@ -1,4 +1,4 @@
-"""The Draw page in-process (AppTest): model picker, uploads, bad files, Quick train.
+"""The Draw page in-process (AppTest): model picker, uploads, Quick train (bad files: test_bad_input.py).
 
 AppTest cannot draw on the canvas (a custom component: it renders, and always reads as empty); strokes
 are tested in Chromium (test_e2e_draw.py). Uploads go through AppTest's file_uploader.set_value.
@@ -201,23 +201,3 @@ def test_a_blank_image_gets_a_prompt_not_a_prediction(trained):
     at = upload(page(), "blank.png", png(np.full((28, 28), 255, np.uint8)))
     assert any("No digit found in blank.png" in i.value for i in at.info)
     assert not charts(at, "upload_probs") and not at.metric and not at.error
-
-
-def truncated_png() -> bytes:
-    data = png(np.eye(28, dtype=np.uint8) * 255)
-    return data[:len(data) // 2]
-
-
-@pytest.mark.parametrize("name, data, message", [
-    ("hello.png", b"hello", "not an image"),
-    ("truncated.png", truncated_png(), "corrupt or truncated"),
-    ("empty.png", b"", "empty"),
-])
-def test_a_bad_file_gets_an_error_and_the_page_keeps_working(trained, mnist, name, data, message):
-    at = upload(page(), name, data)
-    (error,) = at.error
-    assert name in error.value and message in error.value
-    assert not charts(at, "upload_probs")
-    # the same session then takes a good file
-    upload(at, "seven.png", png(mnist.test_images[0]))
-    assert not at.error and charts(at, "upload_probs")

@@ -270,27 +270,6 @@ def test_the_contour_starts_on_parameters_that_vary(saves):
     assert "hidden_size has the same value in every complete trial" in infos(at)
 
 
-def test_an_unreachable_storage_is_an_error_not_a_traceback(saves, tmp_path):
-    at = page()
-    at.text_input(key="tune_storage").set_value(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}").run()
-    check(at)
-    assert any("cannot open the study storage" in e.value for e in at.error)
-    (launch,) = [b for b in at.button if b.label == "Launch study"]
-    assert launch.disabled and not at.get("plotly_chart")
-    at.text_input(key="tune_storage").set_value("not a url").run()
-    assert any("cannot open the study storage 'not a url'" in e.value for e in at.error)
-
-
-def test_an_invalid_launch_is_explained_and_disabled(saves):
-    at = page()
-    at.number_input(key="tune_limit_train").set_value(200).run()     # below the searched batch sizes
-    assert any("batch_size" in e.value and "limit_train (200)" in e.value for e in at.error)
-    assert [b for b in at.button if b.label == "Launch study"][0].disabled
-    at.number_input(key="tune_limit_train").set_value(10000)
-    at.text_input(key="tune_name").set_value("../escape").run()
-    assert any("invalid study name" in e.value for e in at.error)
-
-
 # -- launched from the page ------------------------------------------------------------------------
 def launch(at: AppTest, name: str, trials: int, epochs: int, limit_train: int) -> subprocess.Popen:
     at.text_input(key="tune_name").set_value(name)

@@ -82,33 +82,6 @@ def test_the_median_pruner_prunes_a_hopeless_trial(saves, tmp_path):
     assert evaluation["stopped"] == "pruned"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--study", "../escape"], "invalid study name"),
-    (["--study", "x", "--trials", "0"], "--trials and --workers must be at least 1"),
-    (["--study", "x", "--storage", "postgresql://nobody@127.0.0.1:9/none"], "cannot open the study storage"),
-    (["--study", "x", "--storage", "nonsense://"], "cannot open the study storage"),
-    (["--study", "x", "--sampler", "grid"], "invalid choice: 'grid'"),
-    (["--study", "x", "--hidden-size", "0"], "hidden_size must be between 1 and 4096"),
-])
-def test_bad_tune_arguments_exit_2_with_one_message(saves, args, message):
-    result = tune(saves, *args, timeout=120)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-    assert not (saves / "studies").exists() or not any((saves / "studies").iterdir())
-
-
-@pytest.mark.parametrize("space_text, message", [
-    ('{"hidden": {"type": "int", "low": 1, "high": 2}}', "'hidden' is not a TrainConfig field"),
-    ('{"lr": {"type": "float", "low": 0, "high": 1, "log": true}}', "low must be > 0"),
-    ('{"lr": {"type": "float", "low": 1, "high": 0.1}}', "low <= high"),
-    ('{"optimizer": {"type": "categorical", "choices": []}}', "non-empty list of choices"),
-    ('{"lr": ', "not valid JSON"),
-])
-def test_bad_search_spaces_are_refused(saves, tmp_path, space_text, message):
-    (tmp_path / "bad.json").write_text(space_text)
-    result = tune(saves, "--study", "x", "--space", tmp_path / "bad.json", timeout=120)
-    assert result.returncode == 2 and message in result.stderr
-
-
 def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(saves, space):
     env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
     long_trial = [a if a != "2" else "200" for a in SMALL]        # a trial that would take minutes
