@@ -79,38 +79,42 @@ def model_label(row: dict) -> str:
 
 
 # -- figures -----------------------------------------------------------------------------------
+# Built as plain dicts and not validated: these four charts are redrawn on every stroke, and plotly's
+# validation of them cost ~20 ms of the server's time per stroke (the model's answer takes ~2 ms).
+# Validation is what turns a colorscale's name into colours, so that is done once, here.
+SCALES = {name: [list(stop) for stop in go.Heatmap(colorscale=name).colorscale] for name in ("gray", "Blues", "RdBu")}
+
+
+def figure(trace: dict, height: int, margin: dict, xaxis: dict, yaxis: dict, **layout) -> go.Figure:
+    return go.Figure({"data": [trace], "layout": {"height": height, "margin": margin, "xaxis": xaxis,
+                                                  "yaxis": yaxis, **layout}}, _validate=False)
+
+
 def input_figure(digit: Digit) -> go.Figure:
     """The 28x28 model input, as the model sees it (white ink on black)."""
-    fig = go.Figure(go.Heatmap(z=digit.image.tolist(), colorscale="gray", zmin=0, zmax=1, showscale=False,
-                               hovertemplate="row %{y}, column %{x}: %{z:.2f}<extra></extra>"))
-    fig.update_xaxes(visible=False, constrain="domain")
-    fig.update_yaxes(visible=False, autorange="reversed", scaleanchor="x", constrain="domain")
-    fig.update_layout(height=210, margin={"l": 0, "r": 0, "t": 0, "b": 0})
-    return fig
+    trace = {"type": "heatmap", "z": digit.image.tolist(), "colorscale": SCALES["gray"], "zmin": 0, "zmax": 1,
+             "showscale": False, "hovertemplate": "row %{y}, column %{x}: %{z:.2f}<extra></extra>"}
+    return figure(trace, 210, {"l": 0, "r": 0, "t": 0, "b": 0}, {"visible": False, "constrain": "domain"},
+                  {"visible": False, "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"})
 
 
 def probability_figure(prediction: Prediction) -> go.Figure:
-    colors = [TOP if d == prediction.digit else OTHER for d in range(10)]
-    fig = go.Figure(go.Bar(x=DIGITS, y=prediction.probabilities, marker_color=colors,
-                           text=[f"{p:.0%}" if p >= 0.005 else "" for p in prediction.probabilities],
-                           textposition="outside", hovertemplate="digit %{x}: %{y:.2%}<extra></extra>"))
-    fig.update_xaxes(title_text="digit", type="category")
-    fig.update_yaxes(title_text="probability", range=[0, 1.12], tickformat=".0%")
-    fig.update_layout(height=280, margin=BARS_MARGIN, showlegend=False)
-    return fig
+    trace = {"type": "bar", "x": DIGITS, "y": list(prediction.probabilities),
+             "marker": {"color": [TOP if d == prediction.digit else OTHER for d in range(10)]},
+             "text": [f"{p:.0%}" if p >= 0.005 else "" for p in prediction.probabilities],
+             "textposition": "outside", "hovertemplate": "digit %{x}: %{y:.2%}<extra></extra>"}
+    return figure(trace, 280, BARS_MARGIN, {"title": {"text": "digit"}, "type": "category"},
+                  {"title": {"text": "probability"}, "range": [0, 1.12], "tickformat": ".0%"}, showlegend=False)
 
 
 def steps_figure(steps: list[list[float]], unit: str) -> go.Figure:
     """Class probabilities after each step: how the belief forms as the LSTM reads the image."""
-    y = list(range(1, len(steps) + 1))
-    fig = go.Figure(go.Heatmap(z=steps, x=DIGITS, y=y, colorscale="Blues", zmin=0, zmax=1,
-                               colorbar={"title": "p", "tickformat": ".0%"},
-                               hovertemplate=f"after {unit} %{{y}}<br>digit %{{x}}: %{{z:.1%}}<extra></extra>"))
-    fig.update_xaxes(title_text="digit", type="category", side="top")
-    fig.update_yaxes(title_text=f"{unit} read", autorange="reversed")
-    fig.update_layout(title={"text": "Belief after each step", "y": 0.99}, height=460,
-                      margin=HEATMAP_MARGIN)
-    return fig
+    trace = {"type": "heatmap", "z": steps, "x": DIGITS, "y": list(range(1, len(steps) + 1)),
+             "colorscale": SCALES["Blues"], "zmin": 0, "zmax": 1, "colorbar": {"title": {"text": "p"}, "tickformat": ".0%"},
+             "hovertemplate": f"after {unit} %{{y}}<br>digit %{{x}}: %{{z:.1%}}<extra></extra>"}
+    return figure(trace, 460, HEATMAP_MARGIN, {"title": {"text": "digit"}, "type": "category", "side": "top"},
+                  {"title": {"text": f"{unit} read"}, "autorange": "reversed"},
+                  title={"text": "Belief after each step", "y": 0.99})
 
 
 def hidden_figure(hidden: list[list[float]], unit: str) -> go.Figure:
@@ -121,14 +125,14 @@ def hidden_figure(hidden: list[list[float]], unit: str) -> go.Figure:
         units = h.var(0).topk(MAX_HIDDEN_SHOWN).indices.sort().values
         h = h[:, units]
     shown = "" if len(units) == len(hidden[0]) else f" ({len(units)} of {len(hidden[0])}, most varying)"
-    fig = go.Figure(go.Heatmap(z=h.tolist(), x=[str(int(u)) for u in units], y=list(range(1, h.shape[0] + 1)),
-                               colorscale="RdBu", zmid=0, colorbar={"title": "h"},
-                               hovertemplate=f"{unit} %{{y}}, unit %{{x}}: %{{z:.3f}}<extra></extra>"))
-    fig.update_xaxes(title_text="hidden unit", type="category", side="top", showticklabels=False)
-    fig.update_yaxes(title_text=f"{unit} read", autorange="reversed")
-    fig.update_layout(title={"text": f"Hidden state{shown}", "y": 0.99}, height=460,
-                      margin=HEATMAP_MARGIN)
-    return fig
+    trace = {"type": "heatmap", "z": h.tolist(), "x": [str(int(u)) for u in units],
+             "y": list(range(1, h.shape[0] + 1)), "colorscale": SCALES["RdBu"], "zmid": 0,
+             "colorbar": {"title": {"text": "h"}},
+             "hovertemplate": f"{unit} %{{y}}, unit %{{x}}: %{{z:.3f}}<extra></extra>"}
+    return figure(trace, 460, HEATMAP_MARGIN,
+                  {"title": {"text": "hidden unit"}, "type": "category", "side": "top", "showticklabels": False},
+                  {"title": {"text": f"{unit} read"}, "autorange": "reversed"},
+                  title={"text": f"Hidden state{shown}", "y": 0.99})
 
 
 # -- showing a reading -------------------------------------------------------------------------
