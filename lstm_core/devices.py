@@ -1,6 +1,7 @@
 """Which devices torch can train on here, and turning a config's `device` into a torch.device."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ def available_devices() -> list[DeviceInfo]:
     return found
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
     try:

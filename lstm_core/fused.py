@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .devices import cpu_has_bf16
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lstm_cpu.cpp")
 _lock = threading.Lock()
@@ -117,6 +119,10 @@ def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:
 
 def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """lstm(x) for a batch_first nn.LSTM: out (B, T, D*H), (h_n, c_n) (layers*D, B, H); fused where it applies."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_bf16():
+        # oneDNN has no bf16 LSTM on CPUs without AVX-512 BF16 or AMX (it raises): this layer runs in fp32
+        with torch.autocast("cpu", enabled=False):
+            return run_lstm(lstm, x.float())
     if not applies(lstm, x):
         return lstm(x)
     layer_in = x                                                               # (B, T, F)

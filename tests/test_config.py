@@ -41,7 +41,7 @@ def test_presets_follow_their_recipes():
     assert b.bidirectional and (b.num_layers, b.hidden_size, b.optimizer, b.scheduler) == (2, 128, "adamw", "plateau")
     assert b.aug_rotate > 0 and b.aug_translate > 0
     p = preset("pixel")
-    assert p.seq_shape == (784, 1) and (p.hidden_size, p.optimizer, p.grad_clip, p.batch_size) == (128, "rmsprop", 1.0, 100)
+    assert p.seq_shape == (784, 1) and (p.hidden_size, p.optimizer, p.grad_clip, p.batch_size) == (128, "adam", 1.0, 100)
     assert preset("cnn").arch == "cnn"
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         preset("fast")

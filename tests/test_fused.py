@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lstm_core import fused
-from lstm_core.devices import keep_freed_memory
+from lstm_core.devices import cpu_has_bf16, keep_freed_memory
 
 from conftest import REPO
 
@@ -80,13 +80,26 @@ def test_falls_back_to_nn_lstm_where_the_kernel_does_not_apply():
     with torch.autocast("cpu", torch.bfloat16):
         assert not fused.applies(lstm, torch.randn(2, 28, 28))
         out, _ = fused.run_lstm(lstm, torch.randn(2, 28, 28))
-    assert out.dtype == torch.bfloat16                      # nn.LSTM under autocast ran
+    assert out.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)  # nn.LSTM under autocast ran
     assert not fused.applies(nn.LSTM(28, 16, batch_first=False), torch.randn(28, 2, 28))
     fused.enable(False)
     try:
         assert not fused.applies(lstm, torch.randn(2, 28, 28))
     finally:
         fused.enable(True)
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_runs_the_lstm_in_fp32(monkeypatch):
+    # oneDNN raises for a bf16 LSTM on CPUs without AVX-512 BF16 or AMX; those run the layer in fp32
+    monkeypatch.setattr(fused, "cpu_has_bf16", lambda: False)
+    torch.manual_seed(0)
+    lstm, x = nn.LSTM(28, 16, batch_first=True), torch.randn(2, 28, 28, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, (h_n, _) = fused.run_lstm(lstm, x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, lstm(x)[0])
+    out.sum().backward()
+    assert x.grad is not None and lstm.weight_hh_l0.grad is not None
 
 
 def test_switched_off_by_environment():

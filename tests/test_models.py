@@ -54,3 +54,20 @@ def test_logits_from_states_equal_forward(bidirectional):
     model = LSTMClassifier(28, 12, num_layers=2, bidirectional=bidirectional).eval()
     x = torch.randn(3, 28, 28)
     assert torch.allclose(model.logits_from_states(model.hidden_states(x)), model(x), atol=1e-6)
+
+
+def test_forget_gates_start_open_and_long_sequences_get_the_chrono_initialisation():
+    rows = build_model(TrainConfig(num_layers=2)).lstm
+    hidden = rows.hidden_size
+    for layer in range(2):
+        ih, hh = getattr(rows, f"bias_ih_l{layer}"), getattr(rows, f"bias_hh_l{layer}")
+        assert torch.equal(ih[hidden:2 * hidden] + hh[hidden:2 * hidden], torch.ones(hidden))
+        assert ih[:hidden].abs().max() < 1                                   # the other gates keep torch's init
+
+    torch.manual_seed(0)
+    pixels = build_model(TrainConfig(seq_mode="pixels")).lstm
+    forget, input_ = pixels.bias_ih_l0[hidden:2 * hidden], pixels.bias_ih_l0[:hidden]
+    assert torch.equal(input_, -forget) and not pixels.bias_hh_l0[:2 * hidden].any()
+    # log(U(1, 783)): memory spans from one step to the whole image, most of them long
+    assert 0 <= forget.min() < 1.5 and 6 < forget.max() <= torch.log(torch.tensor(783.0))
+    assert 4 < forget.median() < 7
