@@ -287,15 +287,16 @@ def main(argv=None) -> int:
               else f"never reached {goal}", f"(final {tta['final_test_accuracy']:.2%} after "
               f"{tta['wall_seconds']:.0f} s; per epoch: " + ", ".join(f"{a:.2%}" for _, _, a in tta["curve"]) + ")",
               flush=True)
+    out = saves_root() / "bench" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result["full"] = []
     for name in args.full:
+        atomic_write_json(out, result)                          # full runs are long: keep what is measured so far
         result["full"].append(row := full_run(name, mnist))
         print(f"full {name}: test accuracy {row['test_accuracy']:.2%} in {row['wall_seconds']:.0f} s "
               f"({row['epochs']} epochs, best {row['best_epoch']}, {row['stopped']})", flush=True)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory of this process: {result['peak_rss_mb']:.0f} MB", flush=True)
-    out = saves_root() / "bench" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
     print(f"written to {out}")
     return 0
