@@ -1,9 +1,7 @@
 """LSTM Studio's entrypoint: it only routes; each page lives in pages/.
 
 Because that folder is named pages/, a fresh server runs in Streamlit's legacy multipage mode until this
-script has run once: a first request for a page's URL (a tab left open on /train reconnecting to a
-restarted server) would run pages/train.py on its own, with the folder's file names as navigation, for
-every session. Each page therefore starts by leaving that mode and rerunning through this script.
+script has run once; each page starts by leaving that mode (pagekit.leave_legacy_navigation).
 """
 import streamlit as st
 

@@ -14,17 +14,14 @@ import plotly.graph_objects as go
 import streamlit as st
 import torch
 from PIL import Image, ImageOps
-from streamlit.runtime.pages_manager import PagesManager
 
 from lstm_core.config import preset
 from lstm_core.jobs import launch_training
 from lstm_core.preprocess import Digit, ImageError, Prediction, from_canvas, from_upload, predict
 from lstm_core.runs import LIVE_STATES, RunError, describe_model, list_models, list_runs, load_model, open_run
+from pagekit import leave_legacy_navigation
 
-# Streamlit's legacy mode (a fresh server whose first request named this page): see streamlit_app.py
-if PagesManager.uses_pages_directory:
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 CANVAS_SIZE = 280           # px; ten canvas pixels per MNIST pixel
 MAX_HIDDEN_SHOWN = 64       # hidden units in the activation heatmap (the most varying ones beyond this)

@@ -6,16 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
 from lstm_core.data import DataUnavailable, load_mnist
 from lstm_core.plots import confusion_difference_figure, confusion_figure, per_class_figure
 from lstm_core.runs import list_runs, list_trials, read_json
+from pagekit import leave_legacy_navigation
 
-# Streamlit's legacy mode (a fresh server whose first request named this page): see streamlit_app.py
-if PagesManager.uses_pages_directory:
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 GALLERY = 40        # the most confident mistakes: the ones that say most about what the model gets wrong
 SCALE = 3           # 28 px digits drawn at 84 px, pixel for pixel (the browser would blur a small image)

@@ -1,15 +1,12 @@
 """Home: what LSTM Studio does, the devices it can train on here, and the runs saved so far."""
 import pandas as pd
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
 from lstm_core.devices import available_devices
 from lstm_core.runs import describe_model, list_runs, saves_root
+from pagekit import leave_legacy_navigation
 
-# Streamlit's legacy mode (a fresh server whose first request named this page): see streamlit_app.py
-if PagesManager.uses_pages_directory:
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 RECENT = 8  # the newest runs shown here; the Runs page has them all
 COLUMNS = {

@@ -4,16 +4,13 @@ import hashlib
 
 import pandas as pd
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
 from lstm_core.jobs import delete_run
 from lstm_core.plots import overlay_figure
 from lstm_core.runs import RunError, list_runs, open_run, saves_root
+from pagekit import leave_legacy_navigation
 
-# Streamlit's legacy mode (a fresh server whose first request named this page): see streamlit_app.py
-if PagesManager.uses_pages_directory:
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 # The Home page's table, so a run reads the same on both pages.
 COLUMNS = {

@@ -11,18 +11,15 @@ import shlex
 from dataclasses import fields
 
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
 from lstm_core.config import BOUNDS, CHOICES, PRESETS, ConfigError, TrainConfig, from_dict, preset
 from lstm_core.devices import available_devices
 from lstm_core.jobs import device_holder, device_key, launch_resume, launch_training, request_stop
 from lstm_core.plots import confusion_figure, curves_figure, running_loss_figure
 from lstm_core.runs import LIVE_STATES, RunError, list_runs, open_run
+from pagekit import leave_legacy_navigation
 
-# Streamlit's legacy mode (a fresh server whose first request named this page): see streamlit_app.py
-if PagesManager.uses_pages_directory:
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 REFRESH_SECONDS = 1.0
 COMMON = ("arch", "seq_mode", "hidden_size", "num_layers", "dropout", "bidirectional", "optimizer", "lr",

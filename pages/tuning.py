@@ -17,7 +17,6 @@ import optuna.visualization as ov
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
 
 from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, ConfigError, preset
 from lstm_core.plots import confusion_figure, per_class_figure
@@ -25,11 +24,9 @@ from lstm_core.runs import RunError, atomic_write_json, run_at, safe_name, saves
 from lstm_core.tune import (DEFAULT_SPACE, PRUNERS, SAMPLERS, check_space, default_storage, launch_study,
                             make_storage, request_study_stop, state_counts, study_dir, study_summaries, trial_rows,
                             worker_pids)
+from pagekit import leave_legacy_navigation
 
-# Streamlit's legacy mode (a fresh server whose first request named this page): see streamlit_app.py
-if PagesManager.uses_pages_directory:
-    PagesManager.uses_pages_directory = False
-    st.rerun()
+leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 REFRESH_SECONDS = 2.0
 TARGET = "val accuracy"     # what every trial's value is (the best validation accuracy of its epochs)

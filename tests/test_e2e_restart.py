@@ -187,6 +187,26 @@ def expect_app_navigation(page: Page) -> None:
     expect(links).to_contain_text(["Home", "Train", "Draw", "Runs", "Tuning", "Evaluate"])
 
 
+# -- a fresh server's first requests -----------------------------------------------------------------
+@pytest.mark.browser
+def test_tabs_reconnecting_at_once_to_a_fresh_server_all_get_the_apps_navigation(browser, saves, servers):
+    """Tabs left open on several pages reconnect together to a restarted server: each first run happens
+    in Streamlit's legacy pages/ mode, and every tab (not only the first to run its page) must leave it."""
+    url = servers.start()
+    pages = {"tuning": "Tuning", "train": "Train", "draw": "Draw", "evaluate": "Evaluate", "runs": "Runs"}
+    tabs = [browser.new_page() for _ in pages]
+    try:
+        for tab, path in zip(tabs, pages):
+            tab.goto(f"{url}/{path}", wait_until="commit")
+        for tab, heading in zip(tabs, pages.values()):
+            expect(tab.get_by_role("heading", name=heading)).to_be_visible(timeout=60_000)
+            expect_app_navigation(tab)
+    finally:
+        for tab in tabs:
+            tab.close()
+    assert not servers.tracebacks()
+
+
 # -- a training run ---------------------------------------------------------------------------------
 EPOCHS = 10
 
