@@ -193,6 +193,7 @@ class ProgressPrinter:
                           f"{state.steps_per_epoch} batches/epoch, {state.config.epochs} epoch(s)\n")
 
     def on_batch(self, state, r: dict) -> None:
+        from .runs import format_seconds
         if not self.tty:
             return
         done = int(self.width * r["step"] / r["steps"])
@@ -202,6 +203,7 @@ class ProgressPrinter:
         self.stream.flush()
 
     def on_epoch_end(self, state, r: dict) -> None:
+        from .runs import format_seconds
         self.stream.write(("\r" if self.tty else "") +
                           f"epoch {r['epoch']}/{r['epochs']}: train loss {r['train_loss']:.4f} "
                           f"acc {r['train_accuracy']:.2%} | val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.2%}"
@@ -212,11 +214,6 @@ class ProgressPrinter:
     def on_train_end(self, state) -> None: ...
     def on_run_end(self, state, history) -> None: ...
     def on_exception(self, state, exc) -> None: ...
-
-
-def format_seconds(s: float) -> str:
-    s = max(int(s), 0)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 # -- evaluate and runs -------------------------------------------------------------------------
@@ -247,7 +244,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_runs(args: argparse.Namespace) -> int:
-    from .runs import list_runs
+    from .runs import format_seconds, list_runs
 
     rows = list_runs(args.saves)
     if args.json:

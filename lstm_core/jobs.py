@@ -123,13 +123,18 @@ def launch_resume(run: Run, root: str | Path | None = None) -> None:
 
 
 def start_process(run: Run, how: str, root: str | Path | None) -> None:
-    command = [sys.executable, "-m", "lstm_core", "train", how, str(run.path), "--saves", str(saves_root(root))]
-    with open(run.path / "train.log", "ab") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+    process = spawn_detached(["train", how, str(run.path), "--saves", str(saves_root(root))], run.path / "train.log")
     run.write_status(pid=process.pid, pid_start=process_start_time(process.pid))
     _CHILDREN.append(process)
     reap()
+
+
+def spawn_detached(args: list[str], log_path: Path) -> subprocess.Popen:
+    """`python -m lstm_core ARGS` in a session of its own (a closed tab, a page switch or a Streamlit
+    restart leaves it running), its output appended to log_path."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "lstm_core", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 _CHILDREN: list[subprocess.Popen] = []

@@ -273,6 +273,12 @@ def list_models(root: str | Path | None = None) -> list[dict]:
     return sorted(usable, key=lambda r: -(r["best_val_accuracy"] or 0.0))
 
 
+def format_seconds(s: float) -> str:
+    """A duration as m:ss, or h:mm:ss from an hour on."""
+    s = max(int(s), 0)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
 def describe_model(row: dict) -> str:
     """A run's model in a few words: "LSTM 1x128, rows", "BiLSTM 2x128, rows", "CNN"."""
     if row.get("arch") == "cnn":

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import optuna
 
 from .config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mapping
+from .jobs import spawn_detached
 from .runs import RunRecorder, create_run, read_json_object, safe_name, saves_root
 from .train import Callback, fit
 
@@ -220,13 +220,7 @@ def launch_study(args: list[str], name: str, root: str | Path | None = None) -> 
     folder = study_dir(name, root)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STOP_FILE).unlink(missing_ok=True)
-    log = open(folder / "tune.log", "ab")
-    try:
-        return subprocess.Popen([sys.executable, "-m", "lstm_core", "tune", *args], cwd=Path(__file__).parent.parent,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    finally:
-        log.close()
+    return spawn_detached(["tune", *args], folder / "tune.log")
 
 
 def request_study_stop(name: str, root: str | Path | None = None) -> None:

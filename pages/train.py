@@ -16,7 +16,7 @@ from lstm_core.config import BOUNDS, CHOICES, PRESETS, ConfigError, TrainConfig,
 from lstm_core.devices import available_devices
 from lstm_core.jobs import device_holder, device_key, launch_resume, launch_training, request_stop
 from lstm_core.plots import confusion_figure, curves_figure, running_loss_figure
-from lstm_core.runs import LIVE_STATES, RunError, list_runs, open_run
+from lstm_core.runs import LIVE_STATES, RunError, format_seconds, list_runs, open_run
 from pagekit import leave_legacy_navigation
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
@@ -158,13 +158,8 @@ def progress_text(status: dict, batch: dict | None, epochs: list[dict], config: 
     if epochs and epochs[-1]["time"] > batch["time"]:      # an epoch just ended: show its end
         fraction = done_epochs / config.epochs
     return min(fraction, 1.0), (f"epoch {batch['epoch']}/{config.epochs} · batch {batch['batch']}/{batch['batches']}"
-                                f" · ETA {fmt_seconds(batch['eta'])} · {batch['samples_per_s']:,.0f} samples/s"
+                                f" · ETA {format_seconds(batch['eta'])} · {batch['samples_per_s']:,.0f} samples/s"
                                 f" · lr {batch['lr']:.2e}")
-
-
-def fmt_seconds(s: float) -> str:
-    s = max(int(s), 0)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def show_run(run_id: str) -> None:

@@ -13,8 +13,8 @@ from lstm_core.config import TrainConfig
 from lstm_core.data import make_splits
 from lstm_core.evaluate import evaluate
 from lstm_core.models import build_model
-from lstm_core.runs import (Run, RunError, RunRecorder, atomic_torch_save, create_run, list_runs, load_model,
-                            read_jsonl, resume_checkpoint)
+from lstm_core.runs import (Run, RunError, RunRecorder, atomic_torch_save, create_run, format_seconds, list_runs,
+                            load_model, read_jsonl, resume_checkpoint)
 from lstm_core.train import Callback, fit
 
 
@@ -169,3 +169,8 @@ def test_unreadable_files_do_not_break_listing(tmp_path, finished):
     rows = list_runs(tmp_path)
     assert [r["id"] for r in rows] == [run.id] and rows[0]["state"] == "unknown"
     assert isinstance(Run(run.path).status(), dict)
+
+
+def test_durations_read_as_minutes_and_seconds_then_hours():
+    assert [format_seconds(s) for s in (-3, 0, 59.9, 61, 3599, 3600, 2 * 3600 + 5 * 60 + 7)] == \
+        ["0:00", "0:00", "0:59", "1:01", "59:59", "1:00:00", "2:05:07"]
