@@ -259,7 +259,7 @@ def test_a_training_run_outlives_a_killed_server_and_the_next_server_shows_it_to
         expect(row).to_contain_text("running")
     # the live view keeps refreshing from the new server: a point per epoch, until the results come
     page.wait_for_function(f"""() => {{ const p = document.querySelector('.js-plotly-plot');
-                                       return p && p.data[1] && p.data[1].x.length > {first}; }}""", timeout=90_000)
+                                       return p && p.data && p.data[1] && p.data[1].x.length > {first}; }}""", timeout=90_000)
     expect(page.get_by_text("Test results")).to_be_visible(timeout=120_000)
     expect(page.get_by_text(re.compile(rf"Run {run.id} · state completed"))).to_be_visible()
 

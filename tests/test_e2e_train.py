@@ -19,18 +19,27 @@ def train_url(tmp_path_factory):
         request_stop(run_at(run))
 
 
+# validation-loss points of the first plotly chart (the epoch curves); 0 while the chart is (re)drawn
+POINTS = """() => { const p = document.querySelector('.js-plotly-plot');
+                    return p && p.data && p.data[1] ? p.data[1].x.length : 0; }"""
+
+
 def curve_points(page: Page) -> int:
-    """Points of the validation-loss trace of the first plotly chart (the epoch curves)."""
-    return page.evaluate("""() => {
-        const plot = document.querySelector('.js-plotly-plot');
-        return plot && plot.data && plot.data[1] ? plot.data[1].x.length : 0;
-    }""")
+    return page.evaluate(POINTS)
+
+
+def wait_for_points(page: Page, more_than: int, timeout: float) -> None:
+    page.wait_for_function(f"() => ({POINTS})() > {more_than}", timeout=timeout)
 
 
 def set_number(page: Page, label: str, value: int) -> None:
+    """Type a number and wait for the script run it starts to end (Streamlit's status widget shows while
+    one runs): a click on the page being redrawn can miss."""
     box = page.get_by_label(label, exact=True)
     box.fill(str(value))
     box.press("Enter")
+    expect(box).to_have_value(str(value))
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
 
 
 def test_start_a_run_watch_the_chart_grow_and_find_it_after_a_reload(page: Page, train_url):
@@ -40,24 +49,16 @@ def test_start_a_run_watch_the_chart_grow_and_find_it_after_a_reload(page: Page,
     page.get_by_text("Advanced", exact=True).click()
     set_number(page, "limit training samples (0 = all)", 6000)
     set_number(page, "validation samples", 1000)
-    page.wait_for_timeout(500)
     page.get_by_role("button", name="Start training").click()
     expect(page.get_by_text("Started run")).to_be_visible(timeout=30_000)
     (run_dir,) = list((saves / "runs").iterdir())
 
-    page.wait_for_function("() => document.querySelector('.js-plotly-plot')", timeout=120_000)
-    page.wait_for_function("""() => { const p = document.querySelector('.js-plotly-plot');
-                                      return p && p.data && p.data[1] && p.data[1].x.length >= 1; }""",
-                           timeout=120_000)
+    wait_for_points(page, 0, timeout=120_000)
     first = curve_points(page)
-    page.wait_for_function(f"""() => {{ const p = document.querySelector('.js-plotly-plot');
-                                       return p.data[1].x.length > {first}; }}""", timeout=120_000)
-    assert curve_points(page) > first                         # the live chart gained a point
+    wait_for_points(page, first, timeout=120_000)             # the live chart gained a point
 
     page.reload()
     expect(page.get_by_text(run_dir.name).first).to_be_visible(timeout=60_000)
-    page.wait_for_function("""() => { const p = document.querySelector('.js-plotly-plot');
-                                      return p && p.data && p.data[1] && p.data[1].x.length >= 1; }""",
-                           timeout=60_000)
+    wait_for_points(page, 0, timeout=60_000)
     assert curve_points(page) >= first
     expect(page.get_by_test_id("stException")).to_have_count(0)
