@@ -2,8 +2,8 @@
 //
 // torch's CPU LSTM (oneDNN) spreads each time step's small GEMM over all threads, which synchronises the
 // threads T times per layer. Here the batch is split across threads once: each thread takes its own rows
-// through everything (the input projection as one GEMM, every step with one small GEMM and one fused
-// gate loop, the weight gradients as one GEMM each) without waiting for the others.
+// through everything (every step with one small GEMM, [x_t, h_{t-1}] [W_ih; W_hh]^T, and one fused gate
+// loop, the weight gradients as one GEMM each) without waiting for the others.
 //
 // Layouts are batch-major, as batch_first: x (B, T, F), gates (B, T, 4H) in torch's i, f, g, o order,
 // hs, cs (B, T, H) and tcs = tanh(cs), kept for the backward pass. The initial state is zero.
@@ -38,32 +38,35 @@ inline float fast_exp(float x) {
 inline float sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 inline float tanh_(float x) { return 2.f / (1.f + fast_exp(-2.f * x)) - 1.f; }
 
-// One step for n rows. Row b's gates are at gates + b * gstride: the input projection x W_ih^T, replaced
-// by the activated gates; rec (n, 4H) the recurrent part h W_hh^T, or null at the first step; bias:
-// b_ih + b_hh. Writes the new cell state, its tanh and the hidden state (row b at + b * stride).
-template <bool kRec>
-void cell_forward(float* __restrict gates, int64_t gstride, const float* __restrict rec,
-                  const float* __restrict bias, const float* __restrict c_prev, float* __restrict c,
-                  float* __restrict tc, float* __restrict h, int64_t stride, int64_t n, int64_t H) {
+// One step for n rows. pre (n, 4H): the gates before activation, [x_t, h_{t-1}] [W_ih; W_hh]^T; bias:
+// b_ih + b_hh. Writes the activated gates (row b at act + b * gstride), the new cell state, its tanh and
+// the hidden state (row b at + b * stride), and the hidden state again into the next step's GEMM input
+// (row b at h_next + b * kstride). c_prev is not read at the first step (the initial state is zero).
+template <bool kFirst>
+void cell_forward(const float* __restrict pre, const float* __restrict bias, float* __restrict act,
+                  int64_t gstride, const float* __restrict c_prev, float* __restrict c, float* __restrict tc,
+                  float* __restrict h, int64_t stride, float* __restrict h_next, int64_t kstride, int64_t n,
+                  int64_t H) {
   for (int64_t b = 0; b < n; ++b) {
-    float* __restrict g4 = gates + b * gstride;
-    const float* __restrict r4 = kRec ? rec + b * 4 * H : nullptr;
-    const float* __restrict cp = kRec ? c_prev + b * stride : nullptr;
+    const float* __restrict p4 = pre + b * 4 * H;
+    float* __restrict a4 = act + b * gstride;
+    const float* __restrict cp = kFirst ? nullptr : c_prev + b * stride;
     float* __restrict cb = c + b * stride;
     float* __restrict tb = tc + b * stride;
     float* __restrict hb = h + b * stride;
+    float* __restrict hn = h_next + b * kstride;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
-      const float i = sigmoid(g4[j] + (kRec ? r4[j] : 0.f) + bias[j]);
-      const float f = sigmoid(g4[H + j] + (kRec ? r4[H + j] : 0.f) + bias[H + j]);
-      const float g = tanh_(g4[2 * H + j] + (kRec ? r4[2 * H + j] : 0.f) + bias[2 * H + j]);
-      const float o = sigmoid(g4[3 * H + j] + (kRec ? r4[3 * H + j] : 0.f) + bias[3 * H + j]);
-      const float cell = (kRec ? f * cp[j] : 0.f) + i * g;
+      const float i = sigmoid(p4[j] + bias[j]);
+      const float f = sigmoid(p4[H + j] + bias[H + j]);
+      const float g = tanh_(p4[2 * H + j] + bias[2 * H + j]);
+      const float o = sigmoid(p4[3 * H + j] + bias[3 * H + j]);
+      const float cell = (kFirst ? 0.f : f * cp[j]) + i * g;
       const float t = tanh_(cell);
-      g4[j] = i; g4[H + j] = f; g4[2 * H + j] = g; g4[3 * H + j] = o;
+      a4[j] = i; a4[H + j] = f; a4[2 * H + j] = g; a4[3 * H + j] = o;
       cb[j] = cell;
       tb[j] = t;
-      hb[j] = o * t;
+      hb[j] = hn[j] = o * t;
     }
   }
 }
@@ -127,12 +130,12 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
                                         torch::Tensor bias) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat);
   x = x.contiguous();
-  const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1);
+  const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1), K = F + H;
   auto gates = torch::empty({B, T, 4 * H}, x.options());
   auto hs = torch::empty({B, T, H}, x.options());
   auto cs = torch::empty({B, T, H}, x.options());
   auto tcs = torch::empty({B, T, H}, x.options());
-  const auto w_ih_t = w_ih.t().contiguous(), w_hh_t = w_hh.t().contiguous();  // (F, 4H), (H, 4H)
+  const auto w_t = torch::cat({w_ih, w_hh}, 1).t().contiguous();  // (F + H, 4H)
   const auto b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
   const int64_t rows = rows_per_thread(B);
@@ -140,20 +143,22 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
   at::parallel_for(0, B, rows, [&](int64_t b0, int64_t b1) {
     WorkerMode mode(inference);
     const int64_t n = b1 - b0;
-    // the input projection of all these rows' steps: one GEMM on this thread
-    auto projection = gates.narrow(0, b0, n).view({n * T, 4 * H});
-    at::mm_out(projection, x.narrow(0, b0, n).view({n * T, F}), w_ih_t);
-    auto rec = torch::empty({n, 4 * H}, x.options());  // h[t - 1] W_hh^T for these rows
+    // each step is one GEMM, [x_t, h_{t-1}] (n, F + H) @ [W_ih; W_hh]^T, on buffers that stay in cache;
+    // a separate input projection of all steps would write and re-read (B, T, 4H) through memory
+    auto xh = torch::zeros({n, K}, x.options());  // h_{-1} = 0
+    auto pre = torch::empty({n, 4 * H}, x.options());
+    float* xhp = xh.data_ptr<float>();
+    const float* x0 = x[b0].data_ptr<float>();
     float* g0 = gates[b0].data_ptr<float>();
     float *h0 = hs[b0].data_ptr<float>(), *c0 = cs[b0].data_ptr<float>(), *t0 = tcs[b0].data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
-      if (t == 0) {
-        cell_forward<false>(g0, T * 4 * H, nullptr, bp, nullptr, c0, t0, h0, T * H, n, H);
-        continue;
-      }
-      at::mm_out(rec, hs.narrow(0, b0, n).select(1, t - 1), w_hh_t);  // rows strided by T*H
-      cell_forward<true>(g0 + t * 4 * H, T * 4 * H, rec.data_ptr<float>(), bp, c0 + (t - 1) * H, c0 + t * H,
-                         t0 + t * H, h0 + t * H, T * H, n, H);
+      for (int64_t r = 0; r < n; ++r) std::memcpy(xhp + r * K, x0 + (r * T + t) * F, F * sizeof(float));
+      at::mm_out(pre, xh, w_t);
+      if (t == 0)
+        cell_forward<true>(pre.data_ptr<float>(), bp, g0, T * 4 * H, nullptr, c0, t0, h0, T * H, xhp + F, K, n, H);
+      else
+        cell_forward<false>(pre.data_ptr<float>(), bp, g0 + t * 4 * H, T * 4 * H, c0 + (t - 1) * H, c0 + t * H,
+                            t0 + t * H, h0 + t * H, T * H, xhp + F, K, n, H);
     }
   });
   return {hs, cs, tcs, gates};
