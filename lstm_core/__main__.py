@@ -193,9 +193,9 @@ class ProgressPrinter:
                           f"{state.steps_per_epoch} batches/epoch, {state.config.epochs} epoch(s)\n")
 
     def on_batch(self, state, r: dict) -> None:
-        from .runs import format_seconds
         if not self.tty:
             return
+        from .runs import format_seconds
         done = int(self.width * r["step"] / r["steps"])
         self.stream.write(f"\repoch {r['epoch']}/{state.config.epochs} [{'#' * done}{'.' * (self.width - done)}] "
                           f"loss {r['loss']:.4f} acc {r['accuracy']:.2%} {r['samples_per_s']:.0f} samples/s "

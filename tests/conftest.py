@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Page, expect
 
 from lstm_core import TrainConfig
 from lstm_core.config import NO_AUGMENTATION
@@ -130,6 +131,34 @@ def streamlit_server(saves: Path, log_dir: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- driving the app in Chromium (test_e2e_*) ------------------------------------------------------
+# validation-loss points of the first plotly chart (the epoch curves); 0 while the chart is (re)drawn
+CURVE_POINTS_JS = """() => { const p = document.querySelector('.js-plotly-plot');
+                             return p && p.data && p.data[1] ? p.data[1].x.length : 0; }"""
+
+
+def curve_points(page: Page) -> int:
+    return page.evaluate(CURVE_POINTS_JS)
+
+
+def wait_for_points(page: Page, more_than: int, timeout: float) -> None:
+    page.wait_for_function(f"() => ({CURVE_POINTS_JS})() > {more_than}", timeout=timeout)
+
+
+def settle(page: Page) -> None:
+    """Wait for the script run a widget change started to end (Streamlit's status widget shows while one
+    runs): a click on an element of the page being redrawn can miss it."""
+    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
+
+
+def set_number(page: Page, label: str, value: int) -> None:
+    box = page.get_by_label(label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    expect(box).to_have_value(str(value))
+    settle(page)
 
 
 @pytest.fixture(scope="session")

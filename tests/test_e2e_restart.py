@@ -21,7 +21,8 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
-from conftest import REPO, free_port, stop_live_runs, wait_healthy
+from conftest import (REPO, curve_points, free_port, set_number, settle, stop_live_runs, wait_for_points,
+                      wait_healthy)
 from lstm_core.runs import LIVE_STATES, list_runs, load_checkpoint, load_model, process_alive, run_at
 from lstm_core.tune import FINISHED, request_study_stop, worker_pids
 
@@ -152,31 +153,9 @@ def set_slider(page: Page, label: str, value: int) -> None:
     settle(page)
 
 
-def set_number(page: Page, label: str, value: int) -> None:
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    expect(box).to_have_value(str(value))
-    settle(page)
-
-
-def settle(page: Page) -> None:
-    """Wait for the script run a widget change started to end (Streamlit's status widget shows while one
-    runs): a click on an element of the page being redrawn can miss it."""
-    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
-
-
 def alerts(page: Page) -> list[str]:
     boxes = page.get_by_test_id("stAlert")
     return [boxes.nth(i).inner_text() for i in range(boxes.count())]
-
-
-def curve_points(page: Page) -> int:
-    """Points of the validation-loss trace of the first plotly chart (the epoch curves)."""
-    return page.evaluate("""() => {
-        const plot = document.querySelector('.js-plotly-plot');
-        return plot && plot.data && plot.data[1] ? plot.data[1].x.length : 0;
-    }""")
 
 
 def expect_app_navigation(page: Page) -> None:
@@ -246,9 +225,7 @@ def test_a_training_run_outlives_a_killed_server_and_the_next_server_shows_it_to
     expect(page.get_by_text(re.compile(rf"Run {run.id} · state running"))).to_be_visible(timeout=60_000)
     expect_app_navigation(page)
     expect(page.locator(f".st-key-stop_{run.id} button").first).to_be_visible()
-    page.wait_for_function("""() => { const p = document.querySelector('.js-plotly-plot');
-                                      return p && p.data && p.data[1] && p.data[1].x.length >= 1; }""",
-                           timeout=60_000)
+    wait_for_points(page, 0, timeout=60_000)
     first = curve_points(page)
     # the Runs page, in a second tab, lists it as running
     runs_tab = page.context.new_page()
@@ -258,8 +235,7 @@ def test_a_training_run_outlives_a_killed_server_and_the_next_server_shows_it_to
     if run.status()["state"] == "running":
         expect(row).to_contain_text("running")
     # the live view keeps refreshing from the new server: a point per epoch, until the results come
-    page.wait_for_function(f"""() => {{ const p = document.querySelector('.js-plotly-plot');
-                                       return p && p.data && p.data[1] && p.data[1].x.length > {first}; }}""", timeout=90_000)
+    wait_for_points(page, first, timeout=90_000)
     expect(page.get_by_text("Test results")).to_be_visible(timeout=120_000)
     expect(page.get_by_text(re.compile(rf"Run {run.id} · state completed"))).to_be_visible()
 

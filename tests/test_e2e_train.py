@@ -2,7 +2,7 @@
 import pytest
 from playwright.sync_api import Page, expect
 
-from conftest import streamlit_server
+from conftest import curve_points, set_number, streamlit_server, wait_for_points
 from lstm_core.jobs import request_stop
 from lstm_core.runs import run_at
 
@@ -17,29 +17,6 @@ def train_url(tmp_path_factory):
         yield url, saves
     for run in (saves / "runs").iterdir():        # training outlives the server by design: stop it here
         request_stop(run_at(run))
-
-
-# validation-loss points of the first plotly chart (the epoch curves); 0 while the chart is (re)drawn
-POINTS = """() => { const p = document.querySelector('.js-plotly-plot');
-                    return p && p.data && p.data[1] ? p.data[1].x.length : 0; }"""
-
-
-def curve_points(page: Page) -> int:
-    return page.evaluate(POINTS)
-
-
-def wait_for_points(page: Page, more_than: int, timeout: float) -> None:
-    page.wait_for_function(f"() => ({POINTS})() > {more_than}", timeout=timeout)
-
-
-def set_number(page: Page, label: str, value: int) -> None:
-    """Type a number and wait for the script run it starts to end (Streamlit's status widget shows while
-    one runs): a click on the page being redrawn can miss."""
-    box = page.get_by_label(label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    expect(box).to_have_value(str(value))
-    expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=60_000)
 
 
 def test_start_a_run_watch_the_chart_grow_and_find_it_after_a_reload(page: Page, train_url):
