@@ -97,15 +97,15 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, bias):
-        hs, cs, tcs, gates = kernel().forward(x, w_ih, w_hh, bias)
-        ctx.save_for_backward(x, w_ih, w_hh, gates, hs, cs, tcs)
+        hs, cs, tcs, gates, xh = kernel().forward(x, w_ih, w_hh, bias)
+        ctx.save_for_backward(xh, w_ih, w_hh, gates, cs, tcs)
         ctx.set_materialize_grads(False)
         return hs, cs, hs[:, -1].clone()
 
     @staticmethod
     def backward(ctx, d_hs, d_cs, d_h_last):
-        x, w_ih, w_hh, gates, hs, cs, tcs = ctx.saved_tensors
-        d_x, d_w_ih, d_w_hh, d_bias = kernel().backward(d_hs, d_cs, d_h_last, x, w_ih, w_hh, gates, hs, cs, tcs,
+        xh, w_ih, w_hh, gates, cs, tcs = ctx.saved_tensors
+        d_x, d_w_ih, d_w_hh, d_bias = kernel().backward(d_hs, d_cs, d_h_last, xh, w_ih, w_hh, gates, cs, tcs,
                                                         ctx.needs_input_grad[0])
         return d_x if ctx.needs_input_grad[0] else None, d_w_ih, d_w_hh, d_bias
 

@@ -3,10 +3,11 @@
 // torch's CPU LSTM (oneDNN) spreads each time step's small GEMM over all threads, which synchronises the
 // threads T times per layer. Here the batch is split across threads once: each thread takes its own rows
 // through everything (every step with one small GEMM, [x_t, h_{t-1}] [W_ih; W_hh]^T, and one fused gate
-// loop, the weight gradients as one GEMM each) without waiting for the others.
+// loop; both weight gradients in one GEMM) without waiting for the others.
 //
 // Layouts are batch-major, as batch_first: x (B, T, F), gates (B, T, 4H) in torch's i, f, g, o order,
-// hs, cs (B, T, H) and tcs = tanh(cs), kept for the backward pass. The initial state is zero.
+// hs, cs (B, T, H), tcs = tanh(cs) and xh (B, T, F + H), the steps' GEMM inputs [x_t, h_{t-1}], kept for
+// the backward pass. The initial state is zero.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -125,7 +126,8 @@ int64_t rows_per_thread(int64_t batch) {
 }  // namespace
 
 // x (B, T, F). Returns hs, cs, tcs (B, T, H): hidden state, cell state and tanh(cell) after every step,
-// and gates (B, T, 4H): the activated gates (for backward).
+// gates (B, T, 4H): the activated gates, and xh (B, T, F + H): each step's GEMM input [x_t, h_{t-1}]
+// (the last two for backward, where xh gives both weight gradients in one GEMM).
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
                                         torch::Tensor bias) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat);
@@ -135,6 +137,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
   auto hs = torch::empty({B, T, H}, x.options());
   auto cs = torch::empty({B, T, H}, x.options());
   auto tcs = torch::empty({B, T, H}, x.options());
+  auto xh = torch::empty({B, T, K}, x.options());
   const auto w_t = torch::cat({w_ih, w_hh}, 1).t().contiguous();  // (F + H, 4H)
   const auto b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
@@ -143,49 +146,55 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
   at::parallel_for(0, B, rows, [&](int64_t b0, int64_t b1) {
     WorkerMode mode(inference);
     const int64_t n = b1 - b0;
-    // each step is one GEMM, [x_t, h_{t-1}] (n, F + H) @ [W_ih; W_hh]^T, on buffers that stay in cache;
-    // a separate input projection of all steps would write and re-read (B, T, 4H) through memory
-    auto xh = torch::zeros({n, K}, x.options());  // h_{-1} = 0
+    // each step is one GEMM, [x_t, h_{t-1}] (n, F + H) @ [W_ih; W_hh]^T, whose rows the previous step's
+    // gate loop wrote; a separate input projection of all steps would write and re-read (B, T, 4H)
     auto pre = torch::empty({n, 4 * H}, x.options());
-    float* xhp = xh.data_ptr<float>();
+    auto last = torch::empty({n, K}, x.options());  // the h after the last step has no next GEMM
+    float* xh0 = xh[b0].data_ptr<float>();
     const float* x0 = x[b0].data_ptr<float>();
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t t = 0; t < T; ++t)
+        std::memcpy(xh0 + (r * T + t) * K, x0 + (r * T + t) * F, F * sizeof(float));
+      std::memset(xh0 + r * T * K + F, 0, H * sizeof(float));  // h_{-1} = 0
+    }
     float* g0 = gates[b0].data_ptr<float>();
     float *h0 = hs[b0].data_ptr<float>(), *c0 = cs[b0].data_ptr<float>(), *t0 = tcs[b0].data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
-      for (int64_t r = 0; r < n; ++r) std::memcpy(xhp + r * K, x0 + (r * T + t) * F, F * sizeof(float));
-      at::mm_out(pre, xh, w_t);
+      at::mm_out(pre, xh.narrow(0, b0, n).select(1, t), w_t);
+      float* h_next = t + 1 < T ? xh0 + (t + 1) * K + F : last.data_ptr<float>() + F;
+      const int64_t kstride = t + 1 < T ? T * K : K;
       if (t == 0)
-        cell_forward<true>(pre.data_ptr<float>(), bp, g0, T * 4 * H, nullptr, c0, t0, h0, T * H, xhp + F, K, n, H);
+        cell_forward<true>(pre.data_ptr<float>(), bp, g0, T * 4 * H, nullptr, c0, t0, h0, T * H, h_next, kstride,
+                           n, H);
       else
         cell_forward<false>(pre.data_ptr<float>(), bp, g0 + t * 4 * H, T * 4 * H, c0 + (t - 1) * H, c0 + t * H,
-                            t0 + t * H, h0 + t * H, T * H, xhp + F, K, n, H);
+                            t0 + t * H, h0 + t * H, T * H, h_next, kstride, n, H);
     }
   });
-  return {hs, cs, tcs, gates};
+  return {hs, cs, tcs, gates, xh};
 }
 
 // dhs, dcs (B, T, H) or None: the loss's gradients with respect to hs and cs; dh_last (B, H) or None:
 // with respect to the final hidden state. Returns d_x (B, T, F) (undefined unless need_dx), d_w_ih,
 // d_w_hh and d_bias. Each thread takes its rows through every step back and then computes its share of
-// the weight gradients with single-threaded GEMMs; the shares are summed at the end.
+// the weight gradients with one single-threaded GEMM, dG^T xh; the shares are summed at the end.
 std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_none,
                                          std::optional<torch::Tensor> dcs_or_none,
-                                         std::optional<torch::Tensor> dh_last, torch::Tensor x,
+                                         std::optional<torch::Tensor> dh_last, torch::Tensor xh,
                                          torch::Tensor w_ih, torch::Tensor w_hh, torch::Tensor gates,
-                                         torch::Tensor hs, torch::Tensor cs, torch::Tensor tcs, bool need_dx) {
+                                         torch::Tensor cs, torch::Tensor tcs, bool need_dx) {
   const auto dhs = dhs_or_none.has_value() ? dhs_or_none->contiguous() : torch::Tensor();
   const auto dcs = dcs_or_none.has_value() ? dcs_or_none->contiguous() : torch::Tensor();
-  x = x.contiguous();
-  const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1);
+  const int64_t B = xh.size(0), T = xh.size(1), H = w_hh.size(1), F = xh.size(2) - H, K = F + H;
   const auto w = w_hh.contiguous(), w_in = w_ih.contiguous();
+  const auto opts = xh.options();
   const int64_t rows = rows_per_thread(B), parts = (B + rows - 1) / rows;
   auto d_gates = torch::empty_like(gates);
-  auto d_x = need_dx ? torch::empty_like(x) : torch::Tensor();
-  auto dh = dh_last.has_value() ? dh_last->contiguous().clone() : torch::zeros({B, H}, x.options());
-  auto dc = torch::zeros({B, H}, x.options());
-  auto d_bias = torch::zeros({parts, 4 * H}, x.options());
-  auto d_w_ih = torch::empty({parts, 4 * H, F}, x.options());
-  auto d_w_hh = torch::zeros({parts, 4 * H, H}, x.options());
+  auto d_x = need_dx ? torch::empty({B, T, F}, opts) : torch::Tensor();
+  auto dh = dh_last.has_value() ? dh_last->contiguous().clone() : torch::zeros({B, H}, opts);
+  auto dc = torch::zeros({B, H}, opts);
+  auto d_bias = torch::zeros({parts, 4 * H}, opts);
+  auto d_w = torch::empty({parts, 4 * H, K}, opts);
   const bool inference = c10::InferenceMode::is_enabled();
   const auto step = dhs.defined() ? (dcs.defined() ? cell_backward<true, true> : cell_backward<true, false>)
                                   : (dcs.defined() ? cell_backward<false, true> : cell_backward<false, false>);
@@ -204,25 +213,16 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
            dc.data_ptr<float>() + b0 * H, d_bias[part].data_ptr<float>(), n, H);
       if (t > 0) at::mm_out(dh_rows, d_gates.narrow(0, b0, n).select(1, t), w);  // (n, 4H) @ (4H, H)
     }
-    // weight gradients of these rows, all steps at once: dG^T x and dG^T h_prev, where h_prev of row
-    // (b, t) is row (b, t - 1) of hs: one row earlier in the flat (B*T, H) layout, except at t = 0
-    // (zero initial state), where the flat layout has the previous sample's last state instead.
-    const auto dg = d_gates.narrow(0, b0, n).view({n * T, 4 * H});
-    auto dw_ih = d_w_ih[part], dw_hh = d_w_hh[part];
-    at::mm_out(dw_ih, dg.t(), x.narrow(0, b0, n).view({n * T, F}));
-    if (T > 1) {
-      const auto h = hs.narrow(0, b0, n).view({n * T, H});
-      at::mm_out(dw_hh, dg.narrow(0, 1, n * T - 1).t(), h.narrow(0, 0, n * T - 1));
-      if (n > 1)  // take back the t = 0 rows' products with the previous sample's last state
-        dw_hh.addmm_(d_gates.narrow(0, b0 + 1, n - 1).select(1, 0).t(), hs.narrow(0, b0, n - 1).select(1, T - 1),
-                     1, -1);
-    }
+    // weight gradients of these rows, all steps at once, both matrices in one GEMM: dG^T [x, h_prev]
+    auto dw = d_w[part];
+    at::mm_out(dw, d_gates.narrow(0, b0, n).view({n * T, 4 * H}).t(), xh.narrow(0, b0, n).view({n * T, K}));
     if (need_dx) {
       auto dx_rows = d_x.narrow(0, b0, n).view({n * T, F});
-      at::mm_out(dx_rows, dg, w_in);
+      at::mm_out(dx_rows, d_gates.narrow(0, b0, n).view({n * T, 4 * H}), w_in);
     }
   });
-  return {d_x, d_w_ih.sum(0), d_w_hh.sum(0), d_bias.sum(0)};
+  const auto d_w_sum = d_w.sum(0);
+  return {d_x, d_w_sum.narrow(1, 0, F).contiguous(), d_w_sum.narrow(1, F, H).contiguous(), d_bias.sum(0)};
 }
 
 // Dropout's mask for `numel` values: 0 with probability p, else 1 / (1 - p). A counter-based hash of
