@@ -97,7 +97,7 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, bias):
-        hs, cs, tcs, gates, xh = kernel().forward(x, w_ih, w_hh, bias)
+        hs, cs, tcs, gates, xh = kernel().forward(x, w_ih, w_hh, bias, True)
         ctx.save_for_backward(xh, w_ih, w_hh, gates, cs, tcs)
         ctx.set_materialize_grads(False)
         return hs, cs, hs[:, -1].clone()
@@ -125,6 +125,8 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.
             return run_lstm(lstm, x.float())
     if not applies(lstm, x):
         return lstm(x)
+    # autograd needs every step's state; inference only the outputs (and the kernel then keeps no more)
+    keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in lstm.parameters()))
     layer_in = x                                                               # (B, T, F)
     finals_h, finals_c = [], []
     for layer in range(lstm.num_layers):
@@ -132,11 +134,16 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.
         for direction in range(2 if lstm.bidirectional else 1):
             suffix = f"_l{layer}" + ("_reverse" if direction else "")
             seq = layer_in.flip(1) if direction else layer_in
-            hs, cs, h_last = _Layer.apply(seq, getattr(lstm, "weight_ih" + suffix),
-                                          getattr(lstm, "weight_hh" + suffix),
-                                          getattr(lstm, "bias_ih" + suffix) + getattr(lstm, "bias_hh" + suffix))
+            w_ih, w_hh = getattr(lstm, "weight_ih" + suffix), getattr(lstm, "weight_hh" + suffix)
+            bias = getattr(lstm, "bias_ih" + suffix) + getattr(lstm, "bias_hh" + suffix)
+            if keep:
+                hs, cs, h_last = _Layer.apply(seq, w_ih, w_hh, bias)
+                c_last = cs[:, -1]
+            else:
+                hs, c_last = kernel().forward(seq, w_ih, w_hh, bias, False)
+                h_last = hs[:, -1]
             finals_h.append(h_last)
-            finals_c.append(cs[:, -1])
+            finals_c.append(c_last)
             outs.append(hs.flip(1) if direction else hs)
         layer_in = torch.cat(outs, 2) if len(outs) > 1 else outs[0]           # (B, T, D*H)
         if lstm.dropout and lstm.training and layer < lstm.num_layers - 1:

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #if defined(__x86_64__) || defined(_M_X64)
@@ -40,21 +41,22 @@ inline float sigmoid(float x) { return 1.f / (1.f + fast_exp(-x)); }
 inline float tanh_(float x) { return 2.f / (1.f + fast_exp(-2.f * x)) - 1.f; }
 
 // One step for n rows. pre (n, 4H): the gates before activation, [x_t, h_{t-1}] [W_ih; W_hh]^T; bias:
-// b_ih + b_hh. Writes the activated gates (row b at act + b * gstride), the new cell state, its tanh and
-// the hidden state (row b at + b * stride), and the hidden state again into the next step's GEMM input
-// (row b at h_next + b * kstride). c_prev is not read at the first step (the initial state is zero).
+// b_ih + b_hh. Writes the activated gates (row b at act + b * gstride), the new cell state and its tanh
+// (row b at + b * cstride), the hidden state (row b at h + b * hstride), and the hidden state again into
+// the next step's GEMM input (row b at h_next + b * kstride). c_prev is not read at the first step (the
+// initial state is zero).
 template <bool kFirst>
 void cell_forward(const float* __restrict pre, const float* __restrict bias, float* __restrict act,
                   int64_t gstride, const float* __restrict c_prev, float* __restrict c, float* __restrict tc,
-                  float* __restrict h, int64_t stride, float* __restrict h_next, int64_t kstride, int64_t n,
-                  int64_t H) {
+                  int64_t cstride, float* __restrict h, int64_t hstride, float* __restrict h_next,
+                  int64_t kstride, int64_t n, int64_t H) {
   for (int64_t b = 0; b < n; ++b) {
     const float* __restrict p4 = pre + b * 4 * H;
     float* __restrict a4 = act + b * gstride;
-    const float* __restrict cp = kFirst ? nullptr : c_prev + b * stride;
-    float* __restrict cb = c + b * stride;
-    float* __restrict tb = tc + b * stride;
-    float* __restrict hb = h + b * stride;
+    const float* __restrict cp = kFirst ? nullptr : c_prev + b * cstride;
+    float* __restrict cb = c + b * cstride;
+    float* __restrict tb = tc + b * cstride;
+    float* __restrict hb = h + b * hstride;
     float* __restrict hn = h_next + b * kstride;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
@@ -125,19 +127,24 @@ int64_t rows_per_thread(int64_t batch) {
 
 }  // namespace
 
-// x (B, T, F). Returns hs, cs, tcs (B, T, H): hidden state, cell state and tanh(cell) after every step,
-// gates (B, T, 4H): the activated gates, and xh (B, T, F + H): each step's GEMM input [x_t, h_{t-1}]
-// (the last two for backward, where xh gives both weight gradients in one GEMM).
+// x (B, T, F). With keep (for backward), returns hs, cs, tcs (B, T, H): the hidden state, cell state
+// and tanh(cell) after every step, gates (B, T, 4H): the activated gates, and xh (B, T, F + H): each
+// step's GEMM input [x_t, h_{t-1}], which gives backward both weight gradients in one GEMM. Without keep
+// (inference), returns hs and the last cell state (B, H): each thread then reuses one step's buffers, and
+// evaluating the pixel model on 1,000 images needs ~0.4 GB, not ~3 GB. kGemmsOnly skips the gate loops,
+// for gemm_seconds.
+template <bool kGemmsOnly = false>
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
-                                        torch::Tensor bias) {
+                                        torch::Tensor bias, bool keep) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat);
   x = x.contiguous();
   const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1), K = F + H;
-  auto gates = torch::empty({B, T, 4 * H}, x.options());
-  auto hs = torch::empty({B, T, H}, x.options());
-  auto cs = torch::empty({B, T, H}, x.options());
-  auto tcs = torch::empty({B, T, H}, x.options());
-  auto xh = torch::empty({B, T, K}, x.options());
+  const auto opts = x.options();
+  auto hs = torch::empty({B, T, H}, opts);
+  auto cs = keep ? torch::empty({B, T, H}, opts) : torch::empty({B, H}, opts);
+  auto tcs = keep ? torch::empty({B, T, H}, opts) : torch::Tensor();
+  auto gates = keep ? torch::empty({B, T, 4 * H}, opts) : torch::Tensor();
+  auto xh = keep ? torch::empty({B, T, K}, opts) : torch::Tensor();
   const auto w_t = torch::cat({w_ih, w_hh}, 1).t().contiguous();  // (F + H, 4H)
   const auto b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
@@ -147,30 +154,42 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
     WorkerMode mode(inference);
     const int64_t n = b1 - b0;
     // each step is one GEMM, [x_t, h_{t-1}] (n, F + H) @ [W_ih; W_hh]^T, whose rows the previous step's
-    // gate loop wrote; a separate input projection of all steps would write and re-read (B, T, 4H)
-    auto pre = torch::empty({n, 4 * H}, x.options());
-    auto last = torch::empty({n, K}, x.options());  // the h after the last step has no next GEMM
-    float* xh0 = xh[b0].data_ptr<float>();
+    // gate loop wrote; a separate input projection of all steps would write and re-read (B, T, 4H).
+    // Row r of step t is at base + r * stride + t * step: in the kept (B, T, .) tensors, or in this
+    // thread's one-step buffers (step 0; the cell state alternates between two).
+    auto pre = torch::empty({n, 4 * H}, opts);
+    auto xh_step = torch::empty({n, K}, opts);  // without keep, each step's GEMM input; with, the last h
+    auto gates_step = keep ? torch::Tensor() : torch::empty({n, 4 * H}, opts);
+    auto cs_step = keep ? torch::Tensor() : torch::empty({2, n, H}, opts);
+    auto tcs_step = keep ? torch::Tensor() : torch::empty({n, H}, opts);
+    float* xh0 = keep ? xh[b0].data_ptr<float>() : xh_step.data_ptr<float>();
+    float* g0 = keep ? gates[b0].data_ptr<float>() : gates_step.data_ptr<float>();
+    float* c0 = keep ? cs[b0].data_ptr<float>() : cs_step.data_ptr<float>();
+    float* t0 = keep ? tcs[b0].data_ptr<float>() : tcs_step.data_ptr<float>();
+    float* h0 = hs[b0].data_ptr<float>();
+    const int64_t kstride = keep ? T * K : K, gstride = keep ? T * 4 * H : 4 * H, cstride = keep ? T * H : H;
+    const int64_t kstep = keep ? K : 0, gstep = keep ? 4 * H : 0, tstep = keep ? H : 0;
+    auto c_at = [&](int64_t t) { return keep ? c0 + t * H : c0 + (t % 2) * n * H; };
     const float* x0 = x[b0].data_ptr<float>();
-    for (int64_t r = 0; r < n; ++r) {
-      for (int64_t t = 0; t < T; ++t)
-        std::memcpy(xh0 + (r * T + t) * K, x0 + (r * T + t) * F, F * sizeof(float));
-      std::memset(xh0 + r * T * K + F, 0, H * sizeof(float));  // h_{-1} = 0
-    }
-    float* g0 = gates[b0].data_ptr<float>();
-    float *h0 = hs[b0].data_ptr<float>(), *c0 = cs[b0].data_ptr<float>(), *t0 = tcs[b0].data_ptr<float>();
+    for (int64_t r = 0; r < n; ++r) std::memset(xh0 + r * kstride + F, 0, H * sizeof(float));  // h_{-1} = 0
     for (int64_t t = 0; t < T; ++t) {
-      at::mm_out(pre, xh.narrow(0, b0, n).select(1, t), w_t);
-      float* h_next = t + 1 < T ? xh0 + (t + 1) * K + F : last.data_ptr<float>() + F;
-      const int64_t kstride = t + 1 < T ? T * K : K;
+      float* xh_t = xh0 + t * kstep;
+      for (int64_t r = 0; r < n; ++r) std::memcpy(xh_t + r * kstride, x0 + (r * T + t) * F, F * sizeof(float));
+      at::mm_out(pre, keep ? xh.narrow(0, b0, n).select(1, t) : xh_step, w_t);
+      const bool to_step = !keep || t + 1 == T;  // the new h goes into xh_step, not into xh's next step
+      float* h_next = to_step ? xh_step.data_ptr<float>() + F : xh_t + kstep + F;
+      const int64_t hn_stride = to_step ? K : kstride;
+      if constexpr (kGemmsOnly) continue;
       if (t == 0)
-        cell_forward<true>(pre.data_ptr<float>(), bp, g0, T * 4 * H, nullptr, c0, t0, h0, T * H, h_next, kstride,
-                           n, H);
+        cell_forward<true>(pre.data_ptr<float>(), bp, g0, gstride, nullptr, c_at(0), t0, cstride, h0, T * H, h_next,
+                           hn_stride, n, H);
       else
-        cell_forward<false>(pre.data_ptr<float>(), bp, g0 + t * 4 * H, T * 4 * H, c0 + (t - 1) * H, c0 + t * H,
-                            t0 + t * H, h0 + t * H, T * H, h_next, kstride, n, H);
+        cell_forward<false>(pre.data_ptr<float>(), bp, g0 + t * gstep, gstride, c_at(t - 1), c_at(t),
+                            t0 + t * tstep, cstride, h0 + t * H, T * H, h_next, hn_stride, n, H);
     }
+    if (!keep) std::memcpy(cs[b0].data_ptr<float>(), c_at(T - 1), n * H * sizeof(float));  // the last cell state
   });
+  if (!keep) return {hs, cs};
   return {hs, cs, tcs, gates, xh};
 }
 
@@ -178,6 +197,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
 // with respect to the final hidden state. Returns d_x (B, T, F) (undefined unless need_dx), d_w_ih,
 // d_w_hh and d_bias. Each thread takes its rows through every step back and then computes its share of
 // the weight gradients with one single-threaded GEMM, dG^T xh; the shares are summed at the end.
+template <bool kGemmsOnly = false>
 std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_none,
                                          std::optional<torch::Tensor> dcs_or_none,
                                          std::optional<torch::Tensor> dh_last, torch::Tensor xh,
@@ -208,9 +228,10 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
     const float* dh0 = dhs.defined() ? dhs[b0].data_ptr<float>() : nullptr;
     const float* dc0 = dcs.defined() ? dcs[b0].data_ptr<float>() : nullptr;
     for (int64_t t = T - 1; t >= 0; --t) {
-      step(a0 + t * 4 * H, d0 + t * 4 * H, T * 4 * H, t0 + t * H, t > 0 ? c0 + (t - 1) * H : nullptr,
-           dh0 ? dh0 + t * H : nullptr, dc0 ? dc0 + t * H : nullptr, T * H, dh_rows.data_ptr<float>(),
-           dc.data_ptr<float>() + b0 * H, d_bias[part].data_ptr<float>(), n, H);
+      if constexpr (!kGemmsOnly)
+        step(a0 + t * 4 * H, d0 + t * 4 * H, T * 4 * H, t0 + t * H, t > 0 ? c0 + (t - 1) * H : nullptr,
+             dh0 ? dh0 + t * H : nullptr, dc0 ? dc0 + t * H : nullptr, T * H, dh_rows.data_ptr<float>(),
+             dc.data_ptr<float>() + b0 * H, d_bias[part].data_ptr<float>(), n, H);
       if (t > 0) at::mm_out(dh_rows, d_gates.narrow(0, b0, n).select(1, t), w);  // (n, 4H) @ (4H, H)
     }
     // weight gradients of these rows, all steps at once, both matrices in one GEMM: dG^T [x, h_prev]
@@ -223,6 +244,36 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
   });
   const auto d_w_sum = d_w.sum(0);
   return {d_x, d_w_sum.narrow(1, 0, F).contiguous(), d_w_sum.narrow(1, F, H).contiguous(), d_bias.sum(0)};
+}
+
+// Flush denormal floats to zero (FTZ and DAZ) on every thread of torch's pool, as TensorFlow does by
+// default. A long sequence's vanishing gradients are denormal, and x86 computes on those ~100x slower:
+// the pixel model's backward pass took 30x longer than its forward pass.
+bool flush_denormals() {
+#if defined(__x86_64__) || defined(_M_X64)
+  at::parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) { _mm_setcsr(_mm_getcsr() | 0x8040); });
+  return true;
+#else
+  return false;
+#endif
+}
+
+// For `make bench`: seconds per forward + backward of one layer (batch B, T steps, F inputs, H units) in
+// its GEMMs alone: the calls lstm_forward and lstm_backward make, on the same shapes and threads, without
+// the gate loops (on uninitialised buffers: denormals are flushed, and NaNs cost x86 nothing). No kernel
+// built on these GEMMs trains faster than B samples in this time.
+double gemm_seconds(int64_t B, int64_t T, int64_t F, int64_t H, bool need_dx, int64_t repeats) {
+  flush_denormals();
+  const auto x = torch::zeros({B, T, F}), w_ih = torch::zeros({4 * H, F}), w_hh = torch::zeros({4 * H, H});
+  const auto dh_last = torch::zeros({B, H});
+  auto pass = [&] {
+    const auto out = lstm_forward<true>(x, w_ih, w_hh, torch::zeros({4 * H}), true);
+    lstm_backward<true>(std::nullopt, std::nullopt, dh_last, out[4], w_ih, w_hh, out[3], out[1], out[2], need_dx);
+  };
+  pass();  // warm-up
+  const auto started = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < repeats; ++i) pass();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() / repeats;
 }
 
 // Dropout's mask for `numel` values: 0 with probability p, else 1 / (1 - p). A counter-based hash of
@@ -253,21 +304,10 @@ torch::Tensor dropout_mask(int64_t numel, double p, int64_t seed) {
   return mask;
 }
 
-// Flush denormal floats to zero (FTZ and DAZ) on every thread of torch's pool, as TensorFlow does by
-// default. A long sequence's vanishing gradients are denormal, and x86 computes on those ~100x slower:
-// the pixel model's backward pass took 30x longer than its forward pass.
-bool flush_denormals() {
-#if defined(__x86_64__) || defined(_M_X64)
-  at::parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) { _mm_setcsr(_mm_getcsr() | 0x8040); });
-  return true;
-#else
-  return false;
-#endif
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &lstm_forward, "LSTM layer forward, CPU fp32");
-  m.def("backward", &lstm_backward, "LSTM layer backward, CPU fp32");
+  m.def("forward", &lstm_forward<>, "LSTM layer forward, CPU fp32");
+  m.def("backward", &lstm_backward<>, "LSTM layer backward, CPU fp32");
+  m.def("gemm_seconds", &gemm_seconds, "seconds per forward + backward of one layer in its GEMMs alone");
   m.def("dropout_mask", &dropout_mask, "dropout mask, CPU fp32");
   m.def("flush_denormals", &flush_denormals, "FTZ and DAZ on all of torch's CPU threads");
 }

@@ -48,6 +48,27 @@ def test_matches_nn_lstm_outputs_and_gradients(layers, bidirectional, hidden):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("layers,bidirectional,hidden,batch", [(1, False, 128, 7), (3, False, 95, 1), (2, True, 64, 5)])
+def test_inference_keeps_no_steps_and_matches_nn_lstm(mode, layers, bidirectional, hidden, batch):
+    """Without autograd the kernel keeps only the outputs; they and (h_n, c_n) must still be nn.LSTM's."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(28, hidden, layers, batch_first=True, bidirectional=bidirectional).eval()
+    x = torch.randn(batch, 28, 28)
+    with torch.no_grad():
+        ref = lstm(x)
+    if mode == "frozen":                  # grad mode on, but nothing needs a gradient
+        lstm.requires_grad_(False)
+        ours = fused.run_lstm(lstm, x)
+    else:
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            ours = fused.run_lstm(lstm, x)
+    for a, b in zip((ref[0], *ref[1]), (ours[0], *ours[1])):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
+    assert ours[0].grad_fn is None
+
+
 def test_final_state_only_matches_too():
     """The classifier reads h_n alone: the backward pass then gets no per-step gradient at all."""
     torch.manual_seed(0)
