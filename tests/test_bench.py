@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from lstm_core import fused
-from lstm_core.bench import flops_per_sample, predict_latency
+from lstm_core.bench import flops_per_sample, gemm_bound, predict_latency
 from lstm_core.config import preset
 
 from conftest import DATA_DIR, REPO
@@ -37,10 +37,25 @@ def test_bench_writes_a_report_with_roofline_baseline_and_time_to_accuracy(tmp_p
         assert row["samples_per_s"] > 0 and 0 < row["roofline"] < 1
         assert row["gflops"] == pytest.approx(row["samples_per_s"] * row["mflop_per_sample"] / 1e3)
         assert row["speedup"] == pytest.approx(row["samples_per_s"] / row["baseline_samples_per_s"])
+        assert row["roofline"] == pytest.approx(row["gflops"] / row["matmul_gflops"])
+    if fused.available():   # the fused row's ceiling: its GEMMs alone, against the same peak
+        fp32 = rows["fp32"]
+        assert fp32["gemm_only_roofline"] == pytest.approx(
+            fp32["gemm_only_samples_per_s"] * fp32["mflop_per_sample"] / 1e3 / fp32["matmul_gflops"])
+        assert "GEMM-only" in out.stdout
     tta = result["time_to_accuracy"]
     assert len(tta["curve"]) == 1 and tta["final_test_accuracy"] > 0.9                # one epoch of real data
     assert tta["seconds_to_target"] == pytest.approx(tta["curve"][0][1])
     assert result["peak_rss_mb"] > 0
+
+
+def test_gemm_bound_follows_the_kernels_gemms():
+    if not fused.available():
+        assert gemm_bound(preset("default")) is None
+        return
+    default = preset("default")
+    assert gemm_bound(default.replace(hidden_size=256)) < gemm_bound(default) / 2   # ~3.3x the GEMM FLOPs
+    assert gemm_bound(preset("cnn")) is None
 
 
 def test_prediction_latency_is_measured_on_canvas_sized_drawings(mnist):
