@@ -63,22 +63,18 @@ def flops_per_sample(config: TrainConfig) -> float:
     return 3 * forward
 
 
-def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0, tries: int = 3) -> float:
-    """The machine's matrix-multiply FLOP/s for `dtype`: a large square GEMM on all threads, the best of
-    `tries` timings (a shared host's neighbours slow some of them; the roofline is the machine at its best)."""
+def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """The machine's matrix-multiply FLOP/s for `dtype` (a large square GEMM, all threads)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)
-    best = 0.0
-    for _ in range(tries):
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            torch.mm(a, b)
-            count += 1
-        best = max(best, count * 2 * n ** 3 / (time.perf_counter() - started))
-    return best
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        count += 1
+    return count * 2 * n ** 3 / (time.perf_counter() - started)
 
 
-def gemm_bound(config: TrainConfig, repeats: int = 5) -> float | None:
+def gemm_bound(config: TrainConfig, repeats: int = 3) -> float | None:
     """Samples/s of a training step that did nothing but the fused kernel's GEMMs: the same calls, shapes
     and threads, without gate loops, optimizer or data. No kernel built on these GEMMs trains faster here.
     None where the fused kernel does not train this model."""
@@ -92,6 +88,19 @@ def gemm_bound(config: TrainConfig, repeats: int = 5) -> float | None:
         seconds += directions * fused.kernel().gemm_seconds(config.batch_size, steps, inputs, config.hidden_size,
                                                             layer > 0, repeats)
     return config.batch_size / seconds
+
+
+def ceilings(config: TrainConfig, dtypes: list[str], tries: int = 3) -> tuple[dict, float | None]:
+    """The matrix-multiply peak FLOP/s per dtype and the GEMM-only samples/s (gemm_bound), timed in turn
+    `tries` times, the best of each: a shared host's neighbours slow some timings, and a ceiling is the
+    machine at its best."""
+    peak, bound = dict.fromkeys(dtypes, 0.0), None
+    for _ in range(tries):
+        for dtype in dtypes:
+            peak[dtype] = max(peak[dtype], matmul_flops(torch.bfloat16 if dtype == "bf16" else torch.float32))
+        rate = gemm_bound(config)
+        bound = rate if bound is None else max(bound, rate)
+    return peak, bound
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -260,18 +269,17 @@ def main(argv=None) -> int:
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.machine(),
               "fused_lstm": fused.available(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "train": []}
-    print("roofline: the best of three large fp32 GEMMs timed just before each preset (peak); GEMM-only: the "
-          "roofline fraction of the\nfused kernel's GEMMs alone, without gate loops, optimizer or data", flush=True)
+    print("peak: the best of three large-GEMM timings just before each preset; GEMM-only: the roofline fraction "
+          "of the fused\nkernel's GEMMs alone (best of three, in turn with the peak), without gate loops, optimizer "
+          "or data", flush=True)
     print(f"{'preset':<10}{'dtype':<11}{'samples/s':>10}{'MFLOP/sample':>14}{'GFLOP/s':>9}{'peak':>6}{'roofline':>10}"
           f"{'GEMM-only':>11}{'baseline':>10}{'speedup':>9}", flush=True)
     for name in args.presets:
         base = preset(name)
         samples = args.samples // 8 if base.seq_mode != "rows" else args.samples   # 784 steps: slower
         baseline = baseline_throughput(base, batches=10 if base.seq_mode != "rows" else 60)
-        # the peak just before this preset's runs: a shared host's speed drifts over a long benchmark
-        peak = {"fp32": matmul_flops(torch.float32)} | ({"bf16": matmul_flops(torch.bfloat16)} if "bf16" in dtypes
-                                                        else {})
-        bound = gemm_bound(base.replace(amp="off"))
+        # measured just before this preset's runs: a shared host's speed drifts over a long benchmark
+        peak, bound = ceilings(base, dtypes)
         # fp32 with the fused CPU LSTM, fp32 with torch's nn.LSTM (oneDNN) for comparison, then bf16
         variants = ["fp32"] + (["fp32-torch"] if base.arch == "lstm" and fused.available() else []) + dtypes[1:]
         for dtype in variants:
