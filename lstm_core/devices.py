@@ -64,16 +64,12 @@ def resolve_device(name: str) -> torch.device:
 def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for reuse instead of handing it back to the OS, which made every
     training step fault in its tensors' pages afresh (torch's CPU allocator does not cache). This is what
-    PyTorch's CPU tuning guide gets from jemalloc or tcmalloc. Training processes call it; True if set.
-
-    Blocks of any size come from the heap (glibc would map each block over 32 MB on its own and unmap it
-    when freed: the pixel model's per-batch (B, 784, 4H) buffers, whose page faults took 40% of its
-    training time), and the heap is never trimmed."""
+    PyTorch's CPU tuning guide gets from jemalloc or tcmalloc. Training processes call it; True if set."""
     import ctypes
     import ctypes.util
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, -1))
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30))
     except (OSError, AttributeError):   # not glibc (macOS, Windows, musl without mallopt)
         return False

@@ -11,10 +11,14 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <c10/core/impl/alloc_cpu.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <mutex>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
@@ -119,6 +123,52 @@ class WorkerMode {
   c10::AutogradState previous_;
 };
 
+// The steps' buffers (gates, states, their gradients) come back with the same shapes every batch. glibc
+// maps each block over 32 MB afresh and unmaps it when freed, so each batch of the pixel model faulted its
+// ~0.5 GB of buffers in again (40% of its training time). Blocks of 4 MB and more are kept here when
+// freed, by size, for the next batch: up to 2 GB, beyond which a freed block goes back to the system.
+class BufferPool {
+ public:
+  torch::Tensor empty(at::IntArrayRef sizes) {
+    const size_t bytes = c10::multiply_integers(sizes) * sizeof(float);
+    if (bytes < (4u << 20)) return torch::empty(sizes, torch::kFloat);
+    void* data = take(bytes);
+    if (data == nullptr) data = c10::alloc_cpu(bytes);
+    return at::from_blob(data, sizes, [this, bytes](void* p) { give(p, bytes); }, torch::kFloat);
+  }
+
+ private:
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = free_.find(bytes);
+    if (it == free_.end()) return nullptr;
+    void* data = it->second;
+    free_.erase(it);
+    cached_ -= bytes;
+    return data;
+  }
+  void give(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + bytes <= (size_t{2} << 30)) {
+        free_.emplace(bytes, data);
+        cached_ += bytes;
+        return;
+      }
+    }
+    c10::free_cpu(data);
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t cached_ = 0;
+};
+
+torch::Tensor pooled_empty(at::IntArrayRef sizes) {
+  static BufferPool* pool = new BufferPool;  // never destroyed: tensors may be freed at interpreter exit
+  return pool->empty(sizes);
+}
+
 // Rows per thread: the batch in as many equal parts as there are threads.
 int64_t rows_per_thread(int64_t batch) {
   const int64_t threads = at::get_num_threads();
@@ -140,11 +190,11 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
   x = x.contiguous();
   const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1), K = F + H;
   const auto opts = x.options();
-  auto hs = torch::empty({B, T, H}, opts);
-  auto cs = keep ? torch::empty({B, T, H}, opts) : torch::empty({B, H}, opts);
-  auto tcs = keep ? torch::empty({B, T, H}, opts) : torch::Tensor();
-  auto gates = keep ? torch::empty({B, T, 4 * H}, opts) : torch::Tensor();
-  auto xh = keep ? torch::empty({B, T, K}, opts) : torch::Tensor();
+  auto hs = pooled_empty({B, T, H});
+  auto cs = keep ? pooled_empty({B, T, H}) : torch::empty({B, H}, opts);
+  auto tcs = keep ? pooled_empty({B, T, H}) : torch::Tensor();
+  auto gates = keep ? pooled_empty({B, T, 4 * H}) : torch::Tensor();
+  auto xh = keep ? pooled_empty({B, T, K}) : torch::Tensor();
   const auto w_t = torch::cat({w_ih, w_hh}, 1).t().contiguous();  // (F + H, 4H)
   const auto b = bias.contiguous();
   const float* bp = b.data_ptr<float>();
@@ -209,8 +259,8 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
   const auto w = w_hh.contiguous(), w_in = w_ih.contiguous();
   const auto opts = xh.options();
   const int64_t rows = rows_per_thread(B), parts = (B + rows - 1) / rows;
-  auto d_gates = torch::empty_like(gates);
-  auto d_x = need_dx ? torch::empty({B, T, F}, opts) : torch::Tensor();
+  auto d_gates = pooled_empty({B, T, 4 * H});
+  auto d_x = need_dx ? pooled_empty({B, T, F}) : torch::Tensor();
   auto dh = dh_last.has_value() ? dh_last->contiguous().clone() : torch::zeros({B, H}, opts);
   auto dc = torch::zeros({B, H}, opts);
   auto d_bias = torch::zeros({parts, 4 * H}, opts);
