@@ -125,7 +125,7 @@ class WorkerMode {
 
 // The steps' buffers (gates, states, their gradients) come back with the same shapes every batch. glibc
 // maps each block over 32 MB afresh and unmaps it when freed, so each batch of the pixel model faulted its
-// ~0.5 GB of buffers in again (40% of its training time). Blocks of 4 MB and more are kept here when
+// ~0.5 GB of buffers in again (half its training time). Blocks of 4 MB and more are kept here when
 // freed, by size, for the next batch: up to 2 GB, beyond which a freed block goes back to the system.
 class BufferPool {
  public:
