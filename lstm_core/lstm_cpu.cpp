@@ -285,11 +285,12 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
       if (t > 0) at::mm_out(dh_rows, d_gates.narrow(0, b0, n).select(1, t), w);  // (n, 4H) @ (4H, H)
     }
     // weight gradients of these rows, all steps at once, both matrices in one GEMM: dG^T [x, h_prev]
+    const auto dg = d_gates.narrow(0, b0, n).view({n * T, 4 * H});
     auto dw = d_w[part];
-    at::mm_out(dw, d_gates.narrow(0, b0, n).view({n * T, 4 * H}).t(), xh.narrow(0, b0, n).view({n * T, K}));
+    at::mm_out(dw, dg.t(), xh.narrow(0, b0, n).view({n * T, K}));
     if (need_dx) {
       auto dx_rows = d_x.narrow(0, b0, n).view({n * T, F});
-      at::mm_out(dx_rows, d_gates.narrow(0, b0, n).view({n * T, 4 * H}), w_in);
+      at::mm_out(dx_rows, dg, w_in);
     }
   });
   const auto d_w_sum = d_w.sum(0);
@@ -315,9 +316,9 @@ bool flush_denormals() {
 double gemm_seconds(int64_t B, int64_t T, int64_t F, int64_t H, bool need_dx, int64_t repeats) {
   flush_denormals();
   const auto x = torch::zeros({B, T, F}), w_ih = torch::zeros({4 * H, F}), w_hh = torch::zeros({4 * H, H});
-  const auto dh_last = torch::zeros({B, H});
+  const auto bias = torch::zeros({4 * H}), dh_last = torch::zeros({B, H});
   auto pass = [&] {
-    const auto out = lstm_forward<true>(x, w_ih, w_hh, torch::zeros({4 * H}), true);
+    const auto out = lstm_forward<true>(x, w_ih, w_hh, bias, true);
     lstm_backward<true>(std::nullopt, std::nullopt, dh_last, out[4], w_ih, w_hh, out[3], out[1], out[2], need_dx);
   };
   pass();  // warm-up
