@@ -4,8 +4,8 @@
 
 torch's CPU LSTM spreads every time step's small GEMM over all threads; the kernel instead gives each
 thread its share of the batch, for all time steps and for the weight gradients, so the threads never
-wait for each other within a layer. On a 2-core AVX2 CPU this trains 1.1x (default) to 3x (pixel) faster
-than torch's (`make bench`, README). Everything else, CUDA (cuDNN), MPS, autocast (bf16/fp16) and any
+wait for each other within a layer. On a 2-core AVX-512 CPU this trains 1.4x (default) to 2x (pixel)
+faster than torch's (`make bench`, README). Everything else, CUDA (cuDNN), MPS, autocast (bf16/fp16) and any
 machine where the kernel cannot be built (no C++ compiler), goes to nn.LSTM unchanged;
 LSTM_STUDIO_FUSED=0 forces that path.
 
@@ -116,6 +116,17 @@ def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:
     under torch.manual_seed like F.dropout, and far cheaper on a CPU than bernoulli_."""
     seed = int(torch.randint(0, 2**62, (1,)))
     return kernel().dropout_mask(shape.numel(), p, seed).view(shape)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout, with the mask from dropout_mask on a CPU in fp32 (the head's dropout: bernoulli_ took
+    a fifteenth of a training step of the default model)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and 0 < self.p < 1 and x.device.type == "cpu" and x.dtype == torch.float32
+                and not _state.get("off") and available()):
+            return x * dropout_mask(x.shape, self.p)
+        return super().forward(x)
 
 
 def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:

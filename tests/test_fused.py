@@ -168,3 +168,20 @@ def test_big_step_buffers_are_reused_between_batches():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     batch()
     assert batch() < 5000                                 # ~0.25 GB of fresh pages: ~60,000 faults
+
+
+def test_head_dropout_drops_in_training_only_and_keeps_the_expectation():
+    drop = fused.Dropout(0.25)
+    x = torch.ones(400, 500)
+    torch.manual_seed(0)
+    out = drop(x)
+    assert out.eq(0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)                                   # follows torch's seed
+    x.requires_grad_()
+    torch.manual_seed(0)
+    drop(x).sum().backward()
+    assert torch.equal(x.grad.eq(0), out.eq(0))                        # no gradient through dropped values
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(fused.Dropout(0.0)(x), x)

@@ -167,3 +167,20 @@ def test_bf16_autocast_on_cpu_trains(mnist):
 def test_other_architectures_and_modes_train(mnist, changes):
     history = fit(tiny_config(epochs=1, **changes), data=mnist)
     assert math.isfinite(history.epochs[0]["val_loss"]) and history.test["n"] == 10000
+
+
+def test_clip_grad_norm_is_torchs():
+    from lstm_core.train import clip_grad_norm
+    torch.manual_seed(0)
+    for scale, clipped in ((10.0, True), (0.01, False)):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in ((512, 28), (512,), (10, 128))]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape) * scale
+            q.grad = p.grad.clone()
+        total = clip_grad_norm(params, 1.0)
+        expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        torch.testing.assert_close(total, expected)
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p.grad, q.grad)
+        assert (torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item() < 1.0 + 1e-4) or not clipped
