@@ -1,5 +1,6 @@
 """The fused CPU LSTM: nn.LSTM's results and gradients, its fallbacks, and its dropout."""
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,31 @@ def test_inference_keeps_no_steps_and_matches_nn_lstm(mode, layers, bidirectiona
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
     assert ours[0].grad_fn is None
+
+
+@pytest.mark.parametrize("isa, march", [("avx2", ["-march=haswell"]), ("plain", [])])
+def test_narrower_vector_builds_match_nn_lstm_too(monkeypatch, isa, march):
+    """The gate loops and the batch builder have AVX-512, AVX2 and plain-float versions, chosen when the
+    kernel is compiled for the CPU at hand; build the ones this machine would not pick, and check them."""
+    if not fused.available() or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("no fused kernel, or not an x86 CPU")
+    if isa == "avx2" and " avx2 " not in open("/proc/cpuinfo").read().replace("\n", " "):
+        pytest.skip("this CPU has no AVX2")
+    from torch.utils import cpp_extension
+    build = cpp_extension.load(f"lstm_studio_test_{isa}", [str(fused.SOURCE)],
+                               extra_cflags=["-O3", "-ffast-math", "-fopenmp", *march])
+    native = fused.kernel()
+    monkeypatch.setitem(fused._state, "kernel", build)
+    for layers, bidirectional, hidden in ((3, False, 95), (2, True, 20)):
+        torch.manual_seed(0)
+        lstm = nn.LSTM(28, hidden, layers, batch_first=True, bidirectional=bidirectional)
+        ref, ours = run_both(lstm, torch.randn(5, 28, 28))
+        for a, b in zip(ref, ours):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
+    images, idx, u = torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8), torch.arange(19, -1, -1), torch.rand(20, 5) * 2 - 1
+    spans = [0.5, 0.2, 0.3, 0.4, 0.4]
+    torch.testing.assert_close(build.batch_images(images, idx, u, spans, 0.1, 0.3),
+                               native.batch_images(images, idx, u, spans, 0.1, 0.3), rtol=0, atol=1e-4)
 
 
 def test_final_state_only_matches_too():
