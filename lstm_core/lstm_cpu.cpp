@@ -27,9 +27,10 @@
 
 namespace {
 
-// Vectors of floats for the gate loops: AVX-512 (16 lanes), AVX2 with FMA (8 lanes) or plain floats. Loads
-// and stores take a mask for the last, partial vector of a row, so a hidden size that is not a multiple
-// of the width (95 in the tutorial recipe) costs no scalar tail.
+// Vectors of floats for the gate loops and batch_images: AVX-512 (16 lanes), AVX2 with FMA (8 lanes) or
+// plain floats, whichever the compiler targets (fused.py builds with -march=native). Loads and stores
+// take a mask for the last, partial vector of a row, so a hidden size that is not a multiple of the
+// width (95 in the tutorial recipe) costs no scalar tail.
 #if defined(__AVX512F__)
 struct Vec {
   using T = __m512;
@@ -46,7 +47,7 @@ struct Vec {
   static T gather(const float* base, T index) {  // base[index], index integral
     return _mm512_i32gather_ps(_mm512_cvttps_epi32(index), base, 4);
   }
-  static T recip(T d) {  // 14-bit estimate, one Newton step: ~1e-8 relative error
+  static T recip(T d) {  // 14-bit estimate, one Newton step: float precision
     const T r = _mm512_rcp14_ps(d);
     return r * (set(2.f) - d * r);
   }
