@@ -93,6 +93,10 @@ struct Vec {
   static T gather(const float* base, T index) { return base[static_cast<int64_t>(index)]; }
   static T recip(T d) { return 1.f / d; }
 };
+#define VEC_LOOP _Pragma("omp simd")  // a loop over plain floats: let the compiler vectorise it
+#endif
+#ifndef VEC_LOOP
+#define VEC_LOOP
 #endif
 using V = Vec::T;
 
@@ -123,9 +127,7 @@ void cell_forward(const float* __restrict pre, float* __restrict act, int64_t gs
     float* a4 = act + b * gstride;
     const float* cp = kFirst ? nullptr : c_prev + b * cstride;
     float *cb = c + b * cstride, *tb = tc + b * cstride, *hb = h + b * hstride, *hn = h_next + b * kstride;
-#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
-#pragma omp simd
-#endif
+    VEC_LOOP
     for (int64_t j = 0; j < H; j += Vec::kWidth) {
       const auto m = Vec::mask(H - j);
       const V i = vsigmoid(Vec::load(p4 + j, m)), f = vsigmoid(Vec::load(p4 + H + j, m));
@@ -163,9 +165,7 @@ void cell_backward(const float* __restrict act, float* __restrict d_gates, int64
     const float* dco = kDcOut ? dc_out + b * stride : nullptr;
     const float* dhb = dh + b * H;
     float* dcb = dc + b * H;
-#if !defined(__AVX512F__) && !(defined(__AVX2__) && defined(__FMA__))
-#pragma omp simd
-#endif
+    VEC_LOOP
     for (int64_t j = 0; j < H; j += Vec::kWidth) {
       const auto m = Vec::mask(H - j);
       const V i = Vec::load(a + j, m), f = Vec::load(a + H + j, m), g = Vec::load(a + 2 * H + j, m);

@@ -4,6 +4,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_narrower_vector_builds_match_nn_lstm_too(monkeypatch, isa, march):
     kernel is compiled for the CPU at hand; build the ones this machine would not pick, and check them."""
     if not fused.available() or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("no fused kernel, or not an x86 CPU")
-    if isa == "avx2" and " avx2 " not in open("/proc/cpuinfo").read().replace("\n", " "):
+    if isa == "avx2" and " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
         pytest.skip("this CPU has no AVX2")
     from torch.utils import cpp_extension
     build = cpp_extension.load(f"lstm_studio_test_{isa}", [str(fused.SOURCE)],
