@@ -93,29 +93,37 @@ def applies(lstm: nn.LSTM, x: torch.Tensor) -> bool:
 class _Layer(torch.autograd.Function):
     """One LSTM layer in one direction. x (B, T, F) -> hs, cs (B, T, H), h_last (B, H).
 
-    h_last is hs[:, -1] as an output of its own: a classifier that reads only the final state then
-    sends no (B, T, H) gradient of zeros into the backward pass."""
+    x is dropped out with probability `dropout` as the kernel reads it (the mask dropout_mask would make
+    from `seed`), so the previous layer's dropout costs no tensor of its own. h_last is hs[:, -1] as an
+    output of its own: a classifier that reads only the final state then sends no (B, T, H) gradient of
+    zeros into the backward pass."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, bias):
-        hs, cs, tcs, gates, xh = kernel().forward(x, w_ih, w_hh, bias, True)
+    def forward(ctx, x, w_ih, w_hh, bias, dropout=0.0, seed=0):
+        hs, cs, tcs, gates, xh = kernel().forward(x, w_ih, w_hh, bias, True, dropout, seed)
         ctx.save_for_backward(xh, w_ih, w_hh, gates, cs, tcs)
         ctx.set_materialize_grads(False)
+        ctx.dropout, ctx.seed = dropout, seed
         return hs, cs, hs[:, -1].clone()
 
     @staticmethod
     def backward(ctx, d_hs, d_cs, d_h_last):
         xh, w_ih, w_hh, gates, cs, tcs = ctx.saved_tensors
         d_x, d_w_ih, d_w_hh, d_bias = kernel().backward(d_hs, d_cs, d_h_last, xh, w_ih, w_hh, gates, cs, tcs,
-                                                        ctx.needs_input_grad[0])
-        return d_x if ctx.needs_input_grad[0] else None, d_w_ih, d_w_hh, d_bias
+                                                        ctx.needs_input_grad[0], ctx.dropout, ctx.seed)
+        return d_x if ctx.needs_input_grad[0] else None, d_w_ih, d_w_hh, d_bias, None, None
 
 
-def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """A dropout mask (0 or 1/(1-p)) from the kernel's hash generator, seeded from torch's: reproducible
-    under torch.manual_seed like F.dropout, and far cheaper on a CPU than bernoulli_."""
-    seed = int(torch.randint(0, 2**62, (1,)))
-    return kernel().dropout_mask(shape.numel(), p, seed).view(shape)
+def dropout_seed() -> int:
+    """A seed for the kernel's dropout masks, drawn from torch's generator: reproducible under
+    torch.manual_seed like F.dropout."""
+    return int(torch.randint(0, 2**62, (1,)))
+
+
+def dropout_mask(shape: torch.Size, p: float, seed: int | None = None) -> torch.Tensor:
+    """A dropout mask (0 or 1/(1-p)) from the kernel's hash generator, far cheaper on a CPU than
+    bernoulli_; _Layer drops its input with the same mask for the same shape and seed."""
+    return kernel().dropout_mask(shape.numel(), p, dropout_seed() if seed is None else seed).view(shape)
 
 
 class Dropout(nn.Dropout):
@@ -141,6 +149,7 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.
     keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in lstm.parameters()))
     layer_in = x                                                               # (B, T, F)
     finals_h, finals_c = [], []
+    drop, seed = 0.0, 0          # the dropout of layer_in, which a unidirectional layer applies as it reads it
     for layer in range(lstm.num_layers):
         outs = []
         for direction in range(2 if lstm.bidirectional else 1):
@@ -149,17 +158,21 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.
             w_ih, w_hh = getattr(lstm, "weight_ih" + suffix), getattr(lstm, "weight_hh" + suffix)
             bias = getattr(lstm, "bias_ih" + suffix) + getattr(lstm, "bias_hh" + suffix)
             if keep:
-                hs, cs, h_last = _Layer.apply(seq, w_ih, w_hh, bias)
+                hs, cs, h_last = _Layer.apply(seq, w_ih, w_hh, bias, drop, seed)
                 c_last = cs[:, -1]
             else:
-                hs, c_last = kernel().forward(seq, w_ih, w_hh, bias, False)
+                hs, c_last = kernel().forward(seq, w_ih, w_hh, bias, False, drop, seed)
                 h_last = hs[:, -1]
             finals_h.append(h_last)
             finals_c.append(c_last)
             outs.append(hs.flip(1) if direction else hs)
         layer_in = torch.cat(outs, 2) if len(outs) > 1 else outs[0]           # (B, T, D*H)
+        drop, seed = 0.0, 0
         if lstm.dropout and lstm.training and layer < lstm.num_layers - 1:
-            layer_in = layer_in * dropout_mask(layer_in.shape, lstm.dropout)
+            if lstm.bidirectional:   # both directions read it, one of them flipped: drop it once, here
+                layer_in = layer_in * dropout_mask(layer_in.shape, lstm.dropout)
+            else:
+                drop, seed = lstm.dropout, dropout_seed()
     return layer_in, (torch.stack(finals_h), torch.stack(finals_c))
 
 

@@ -274,6 +274,51 @@ void transpose_sum(const float* src, int64_t src_ld, int64_t parts, int64_t part
     }
 }
 
+// Dropout from a counter-based hash of (seed, index): the "lowbias32" integer hash of a value's index in
+// its tensor gives its uniform number, vectorised, so the same mask comes back in the backward pass
+// without being kept. torch's bernoulli_ draws the numbers one by one and took a tenth of a training step
+// of the tutorial model. p = 0 drops nothing.
+class DropMask {
+ public:
+  DropMask(double p, int64_t seed)
+      : key_(static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32) * 0x9e3779b9u),
+        threshold_(static_cast<uint32_t>(std::min(p, 1.0) * 4294967295.0)),
+        keep_(p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f), on_(p > 0) {}
+  bool on() const { return on_; }
+  // m[i] = the mask at index0 + i: 0 or 1 / (1 - p)
+  void fill(float* __restrict m, int64_t count, int64_t index0) const {
+    const uint32_t key = key_ + static_cast<uint32_t>(index0) * kGolden, threshold = threshold_;
+    const float keep = keep_;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) m[i] = hash(static_cast<uint32_t>(i) * kGolden + key) >= threshold ? keep : 0.f;
+  }
+  // dst[i] = src[i] * the mask at index0 + i
+  void apply(float* __restrict dst, const float* __restrict src, int64_t count, int64_t index0) const {
+    const uint32_t key = key_ + static_cast<uint32_t>(index0) * kGolden, threshold = threshold_;
+    const float keep = keep_;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i)
+      dst[i] = hash(static_cast<uint32_t>(i) * kGolden + key) >= threshold ? src[i] * keep : 0.f;
+  }
+  // x[i] *= the mask at index0 + i
+  void scale(float* __restrict x, int64_t count, int64_t index0) const {
+    const uint32_t key = key_ + static_cast<uint32_t>(index0) * kGolden, threshold = threshold_;
+    const float keep = keep_;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) x[i] = hash(static_cast<uint32_t>(i) * kGolden + key) >= threshold ? x[i] * keep : 0.f;
+  }
+
+ private:
+  static constexpr uint32_t kGolden = 0x9e3779b9u;
+  static uint32_t hash(uint32_t x) {  // (index * kGolden + key), then the "lowbias32" integer hash
+    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
+    return x;
+  }
+  uint32_t key_, threshold_;
+  float keep_;
+  bool on_;
+};
+
 // Rows per thread: the batch in as many equal parts as there are threads.
 int64_t rows_per_thread(int64_t batch) {
   const int64_t threads = at::get_num_threads();
@@ -326,7 +371,8 @@ void pad_gates(const float* src, int64_t src_ld, int64_t H, int64_t P, int64_t c
 
 }  // namespace
 
-// x (B, T, F), rows of F contiguous (the previous layer's hs may come as a view). With keep (for
+// x (B, T, F), rows of F contiguous (the previous layer's hs may come as a view), dropped out with
+// probability `dropout` (DropMask of `seed`) as the steps read it. With keep (for
 // backward), returns hs, cs (B, T, H): the hidden and cell states after every step, and the kernel's own
 // buffers, of the padded hidden size P (padded): tcs (B, T, P) = tanh(cs), gates (B, T, 4P): the activated
 // gates, and xh (B, T, F + P + 1): each step's GEMM input [x_t, h_{t-1}, 1], which gives backward both
@@ -336,7 +382,7 @@ void pad_gates(const float* src, int64_t src_ld, int64_t H, int64_t P, int64_t c
 // kGemmsOnly skips the gate loops, for gemm_seconds.
 template <bool kGemmsOnly = false>
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
-                                        torch::Tensor bias, bool keep) {
+                                        torch::Tensor bias, bool keep, double dropout = 0.0, int64_t seed = 0) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat);
   if (x.stride(2) != 1) x = x.contiguous();
   const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1), P = padded(H), K = F + P + 1;
@@ -356,6 +402,7 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
     transpose_sum(w_h.data_ptr<float>() + g * H * H, H, 1, 0, wt + F * 4 * P + g * P, 4 * P, H, H);
     std::memcpy(wt + (F + P) * 4 * P + g * P, b.data_ptr<float>() + g * H, H * sizeof(float));
   }
+  const DropMask drop(dropout, seed);
   const int64_t rows = rows_per_thread(B);
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, B, rows, [&](int64_t b0, int64_t b1) {
@@ -386,8 +433,11 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
     }
     for (int64_t t = 0; t < T; ++t) {
       float* xh_t = xh0 + t * kstep;
-      for (int64_t r = 0; r < n; ++r)
-        std::memcpy(xh_t + r * kstride, x0 + r * x.stride(0) + t * x.stride(1), F * sizeof(float));
+      for (int64_t r = 0; r < n; ++r) {
+        const float* x_rt = x0 + r * x.stride(0) + t * x.stride(1);
+        if (drop.on()) drop.apply(xh_t + r * kstride, x_rt, F, ((b0 + r) * T + t) * F);
+        else std::memcpy(xh_t + r * kstride, x_rt, F * sizeof(float));
+      }
       gemm(false, false, n, 4 * P, K, xh_t, kstride, wt, 4 * P, p0, 4 * P);
       const bool to_step = !keep || t + 1 == T;  // the new h goes into xh_step, not into xh's next step
       float* h_next = to_step ? xh_step.data_ptr<float>() + F : xh_t + kstep + F;
@@ -408,7 +458,8 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
 }
 
 // dhs, dcs (B, T, H) or None: the loss's gradients with respect to hs and cs; dh_last (B, H) or None:
-// with respect to the final hidden state; xh, gates, cs, tcs: lstm_forward's, padded to P units. Returns
+// with respect to the final hidden state; xh, gates, cs, tcs: lstm_forward's, padded to P units; dropout
+// and seed: lstm_forward's, whose mask d_x goes through. Returns
 // d_x (B, T, F) (undefined unless need_dx), d_w_ih, d_w_hh and d_bias. Each thread takes its rows through
 // every step back and then computes its share of the weight and bias gradients with one single-threaded
 // GEMM, xh^T dG; the shares are summed at the end.
@@ -417,7 +468,8 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
                                          std::optional<torch::Tensor> dcs_or_none,
                                          std::optional<torch::Tensor> dh_last, torch::Tensor xh,
                                          torch::Tensor w_ih, torch::Tensor w_hh, torch::Tensor gates,
-                                         torch::Tensor cs, torch::Tensor tcs, bool need_dx) {
+                                         torch::Tensor cs, torch::Tensor tcs, bool need_dx,
+                                         double dropout = 0.0, int64_t seed = 0) {
   const auto dhs = dhs_or_none.has_value() ? dhs_or_none->contiguous() : torch::Tensor();
   const auto dcs = dcs_or_none.has_value() ? dcs_or_none->contiguous() : torch::Tensor();
   const int64_t B = xh.size(0), T = xh.size(1), H = w_hh.size(1), P = gates.size(2) / 4, K = xh.size(2);
@@ -435,6 +487,7 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
   auto dh = torch::zeros({B, P}, opts), dc = torch::zeros({B, P}, opts);
   if (dh_last.has_value()) dh.narrow(1, 0, H).copy_(*dh_last);
   auto d_w = torch::empty({parts, K, 4 * P}, opts);
+  const DropMask drop(dropout, seed);
   const bool inference = c10::InferenceMode::is_enabled();
   const auto step = dhs.defined() ? (dcs.defined() ? cell_backward<true, true> : cell_backward<true, false>)
                                   : (dcs.defined() ? cell_backward<false, true> : cell_backward<false, false>);
@@ -457,7 +510,11 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_non
     // these rows' gradients of all steps at once, of both matrices and the bias in one GEMM:
     // [x, h_prev, 1]^T dG (K, 4P); MKL runs it faster this way round than as dG^T [x, h_prev, 1]
     gemm(true, false, K, 4 * P, n * T, xh[b0].data_ptr<float>(), K, d0, 4 * P, d_w[part].data_ptr<float>(), 4 * P);
-    if (need_dx) gemm(false, false, n * T, F, 4 * P, d0, 4 * P, w_in.data_ptr<float>(), F, d_x[b0].data_ptr<float>(), F);
+    if (need_dx) {
+      float* dx = d_x[b0].data_ptr<float>();
+      gemm(false, false, n * T, F, 4 * P, d0, 4 * P, w_in.data_ptr<float>(), F, dx, F);
+      if (drop.on()) drop.scale(dx, n * T * F, b0 * T * F);  // the forward pass's dropout of x
+    }
   });
   // the threads' shares summed and transposed, gate by gate: rows k < F of [x, h_prev, 1]^T dG are
   // d_w_ih's columns, the next H d_w_hh's, and row F + P the bias gradient
@@ -501,31 +558,12 @@ double gemm_seconds(int64_t B, int64_t T, int64_t F, int64_t H, bool need_dx, in
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count() / repeats;
 }
 
-// Dropout's mask for `numel` values: 0 with probability p, else 1 / (1 - p). A counter-based hash of
-// (seed, index) gives the uniform numbers, vectorised; torch's bernoulli_ draws them one by one and took
-// a tenth of a training step for the tutorial model.
-namespace {
-
-void fill_mask(float* __restrict m, int64_t begin, int64_t end, uint32_t key, uint32_t threshold, float keep) {
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    uint32_t x = static_cast<uint32_t>(i) * 0x9e3779b9u + key;  // the "lowbias32" integer hash
-    x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x846ca68bu; x ^= x >> 16;
-    m[i] = x >= threshold ? keep : 0.f;
-  }
-}
-
-}  // namespace
-
+// Dropout's mask for `numel` values (DropMask): 0 with probability p, else 1 / (1 - p).
 torch::Tensor dropout_mask(int64_t numel, double p, int64_t seed) {
   auto mask = torch::empty({numel}, torch::kFloat);
   float* m = mask.data_ptr<float>();
-  const uint32_t key = static_cast<uint32_t>(seed) ^ static_cast<uint32_t>(seed >> 32) * 0x9e3779b9u;
-  const uint32_t threshold = static_cast<uint32_t>(std::min(p, 1.0) * 4294967295.0);
-  const float keep = p < 1.0 ? static_cast<float>(1.0 / (1.0 - p)) : 0.f;
-  at::parallel_for(0, numel, 1 << 16, [&](int64_t begin, int64_t end) {
-    fill_mask(m, begin, end, key, threshold, keep);
-  });
+  const DropMask drop(p, seed);
+  at::parallel_for(0, numel, 1 << 16, [&](int64_t begin, int64_t end) { drop.fill(m + begin, end - begin, begin); });
   return mask;
 }
 
@@ -603,8 +641,11 @@ torch::Tensor batch_images(torch::Tensor images, torch::Tensor idx, std::optiona
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &lstm_forward<>, "LSTM layer forward, CPU fp32");
-  m.def("backward", &lstm_backward<>, "LSTM layer backward, CPU fp32");
+  m.def("forward", &lstm_forward<>, "LSTM layer forward, CPU fp32", py::arg("x"), py::arg("w_ih"), py::arg("w_hh"),
+        py::arg("bias"), py::arg("keep"), py::arg("dropout") = 0.0, py::arg("seed") = 0);
+  m.def("backward", &lstm_backward<>, "LSTM layer backward, CPU fp32", py::arg("dhs"), py::arg("dcs"),
+        py::arg("dh_last"), py::arg("xh"), py::arg("w_ih"), py::arg("w_hh"), py::arg("gates"), py::arg("cs"),
+        py::arg("tcs"), py::arg("need_dx"), py::arg("dropout") = 0.0, py::arg("seed") = 0);
   m.def("gemm_seconds", &gemm_seconds, "seconds per forward + backward of one layer in its GEMMs alone");
   m.def("batch_images", &batch_images, "uint8 images[idx] -> normalised floats, augmented when u is given");
   m.def("dropout_mask", &dropout_mask, "dropout mask, CPU fp32");

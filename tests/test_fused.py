@@ -175,6 +175,37 @@ def test_dropout_between_layers():
     torch.testing.assert_close(fused.run_lstm(lstm, x)[0], lstm(x)[0], rtol=1e-4, atol=1e-6)
 
 
+def test_unidirectional_layers_drop_their_input_as_the_kernel_reads_it():
+    """Between unidirectional layers the kernel drops the previous layer's output as it copies it into its
+    steps (and its gradient on the way back): the same as torch's layers with dropout_mask's masks between."""
+    torch.manual_seed(0)
+    lstm = nn.LSTM(28, 95, 3, batch_first=True, dropout=0.4)
+    singles = [nn.LSTM(28 if layer == 0 else 95, 95, batch_first=True) for layer in range(3)]
+    for layer, single in enumerate(singles):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(single, name + "_l0").data.copy_(getattr(lstm, f"{name}_l{layer}"))
+    x = torch.randn(5, 28, 28)
+    weights = torch.randn(5, 28, 95)
+    results = []
+    for run in ("kernel", "torch with masks"):
+        inp = x.clone().requires_grad_()
+        torch.manual_seed(7)                      # the same dropout seeds, drawn in the same order
+        if run == "kernel":
+            out = fused.run_lstm(lstm, inp)[0]
+        else:
+            out = inp
+            for layer, single in enumerate(singles):
+                out = single(out)[0]
+                if layer < 2:
+                    out = out * fused.dropout_mask(out.shape, 0.4)
+        (out * weights).sum().backward()
+        params = lstm.parameters() if run == "kernel" else (p for single in singles for p in single.parameters())
+        results.append([out.detach(), inp.grad] + [p.grad for p in params])
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-5)
+    assert results[0][1].eq(0).sum() == 0                   # the input of layer 1 is never dropped
+
+
 def test_keep_freed_memory_on_glibc():
     import platform
     if platform.libc_ver()[0] != "glibc":
