@@ -82,14 +82,84 @@ class FitState:
     started: float = field(default_factory=time.perf_counter)
 
 
+class _DirectFusedStep:
+    """Adam and AdamW (fused=True) on a CPU, their fused kernel called straight, with gradient clipping
+    folded into it when max_grad_norm is set: the kernel divides the gradients by its grad_scale,
+    max(1, norm / max_grad_norm), which is clip_grad_norm's scaling. torch.optim's step spends ~0.2 ms a
+    batch in Python around a ~0.08 ms kernel while the other cores wait (3% of a `default` training step).
+    The state and state_dict are torch's own; anything else (amsgrad, several groups, other devices, a
+    GradScaler's inputs, a closure) takes torch's step, after clip_grad_norm when max_grad_norm is set."""
+    max_grad_norm: float = 0.0
+
+    def direct(self) -> bool:
+        """Whether step() calls the fused kernel straight (else torch's step)."""
+        group = self.param_groups[0]
+        return (len(self.param_groups) == 1 and hasattr(torch, "_fused_adam_") and group["fused"]
+                and not (group["amsgrad"] or group["maximize"] or group["capturable"])
+                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
+                and all(p.grad is not None and p.grad.device.type == "cpu" and p.grad.dtype == torch.float32
+                        and p.grad.layout == torch.strided for p in group["params"]))
+
+    def step(self, closure=None):
+        if closure is not None or not self.direct():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if self.max_grad_norm:
+                clip_grad_norm([p for g in self.param_groups for p in g["params"]], self.max_grad_norm)
+            super().step()
+            return loss
+        group = self.param_groups[0]
+        params = group["params"]
+        grads = [p.grad for p in params]
+        scale = None
+        if self.max_grad_norm:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            scale = ((norm + 1e-6) / self.max_grad_norm).clamp_(min=1.0)
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:                                      # torch's lazy initialisation (Adam._init_group)
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
+        kernel(params, grads, [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states], [],
+               steps, amsgrad=False, lr=group["lr"], beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
+               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, grad_scale=scale, found_inf=None)
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad without its profiler scope (~60 us a batch)."""
+        if not set_to_none:
+            return super().zero_grad(False)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+class FusedAdam(_DirectFusedStep, torch.optim.Adam):
+    pass
+
+
+class FusedAdamW(_DirectFusedStep, torch.optim.AdamW):
+    pass
+
+
 def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter],
                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """The optimizer of `config`. On a CPU, Adam and AdamW clip the gradients themselves (max_grad_norm)."""
     # one fused kernel for all parameters instead of a dozen ops each (CPU and CUDA have them)
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, config.lr, weight_decay=config.weight_decay, **fused)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, config.lr, weight_decay=config.weight_decay, **fused)
+    if config.optimizer in ("adam", "adamw"):
+        cpu = device.type == "cpu"
+        kind = {"adam": (FusedAdam, torch.optim.Adam), "adamw": (FusedAdamW, torch.optim.AdamW)}[config.optimizer][0 if cpu else 1]
+        optimizer = kind(params, config.lr, weight_decay=config.weight_decay, **fused)
+        if cpu:
+            optimizer.max_grad_norm = config.grad_clip
+        return optimizer
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                nesterov=config.momentum > 0, **fused)
@@ -218,7 +288,7 @@ def train_epoch(state: FitState, splits: Splits, dtype, scaler, emit: Callable, 
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if config.grad_clip:
+        if config.grad_clip and not getattr(optimizer, "max_grad_norm", 0):   # (FusedAdam clips in its step)
             scaler.unscale_(optimizer)
             clip_grad_norm(model.parameters(), config.grad_clip)
         scaler.step(optimizer)

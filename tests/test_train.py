@@ -1,3 +1,4 @@
+import copy
 import math
 import threading
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from lstm_core.config import OPTIMIZERS, SCHEDULERS
+from lstm_core.config import OPTIMIZERS, SCHEDULERS, TrainConfig
 from lstm_core.train import Callback, fit
 
 
@@ -184,3 +185,48 @@ def test_clip_grad_norm_is_torchs():
         for p, q in zip(params, twins):
             torch.testing.assert_close(p.grad, q.grad)
         assert (torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item() < 1.0 + 1e-4) or not clipped
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+@pytest.mark.parametrize("max_norm", [0.0, 1.0])
+def test_cpu_optimizers_step_and_clip_as_torchs_do(kind, max_norm):
+    """make_optimizer's CPU Adam and AdamW call the fused kernel straight and clip inside it: the weights,
+    state and state_dict after a few steps must be those of torch's optimizer after clip_grad_norm_."""
+    from lstm_core.train import make_optimizer
+    torch.manual_seed(0)
+    config = TrainConfig(optimizer=kind, lr=1e-2, weight_decay=1e-2, grad_clip=max_norm)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((512, 28), (512,), (10, 128))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours = make_optimizer(config, params)
+    theirs = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind](twins, 1e-2, weight_decay=1e-2, fused=True)
+    assert ours.max_grad_norm == max_norm
+    for step in range(4):
+        ours.zero_grad()
+        theirs.zero_grad()
+        assert all(p.grad is None for p in params)
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape) * (10.0 if step % 2 else 0.01)      # clipped every other step
+            q.grad = p.grad.clone()
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_(twins, max_norm)
+        assert ours.direct()                    # the fused kernel called straight, not torch's step
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert mine["param_groups"][0].keys() == reference["param_groups"][0].keys()
+    for i in range(len(params)):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(mine["state"][i][key], reference["state"][i][key], rtol=1e-5, atol=1e-7)
+    # a state_dict of torch's own optimizer loads, and the next steps agree (a copy: loading keeps its tensors)
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    for p, q in zip(params, twins):
+        p.grad = torch.randn(p.shape)
+        q.grad = p.grad.clone()
+    if max_norm:
+        torch.nn.utils.clip_grad_norm_(twins, max_norm)
+    ours.step()
+    theirs.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
