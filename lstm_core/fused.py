@@ -91,7 +91,7 @@ def applies(lstm: nn.LSTM, x: torch.Tensor) -> bool:
 
 
 class _Layer(torch.autograd.Function):
-    """One LSTM layer in one direction. x (B, T, F) -> hs, cs (B, T, H), h_last (B, H).
+    """One LSTM layer in one direction. x (B, T, F) -> hs (B, T, H), c_last, h_last (B, H).
 
     x is dropped out with probability `dropout` as the kernel reads it (the mask dropout_mask would make
     from `seed`), so the previous layer's dropout costs no tensor of its own. h_last is hs[:, -1] as an
@@ -100,16 +100,15 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_ih, w_hh, bias, dropout=0.0, seed=0):
-        hs, cs, tcs, gates, xh = kernel().forward(x, w_ih, w_hh, bias, True, dropout, seed)
-        ctx.save_for_backward(xh, w_ih, w_hh, gates, cs, tcs)
+        hs, c_last, *kept = kernel().forward(x, w_ih, w_hh, bias, True, dropout, seed)   # cs, tcs, gates, xh, layout
+        ctx.save_for_backward(*kept, w_ih, w_hh)
         ctx.set_materialize_grads(False)
         ctx.dropout, ctx.seed = dropout, seed
-        return hs, cs, hs[:, -1].clone()
+        return hs, c_last, hs[:, -1].clone()
 
     @staticmethod
-    def backward(ctx, d_hs, d_cs, d_h_last):
-        xh, w_ih, w_hh, gates, cs, tcs = ctx.saved_tensors
-        d_x, d_w_ih, d_w_hh, d_bias = kernel().backward(d_hs, d_cs, d_h_last, xh, w_ih, w_hh, gates, cs, tcs,
+    def backward(ctx, d_hs, d_c_last, d_h_last):
+        d_x, d_w_ih, d_w_hh, d_bias = kernel().backward(d_hs, d_c_last, d_h_last, *ctx.saved_tensors,
                                                         ctx.needs_input_grad[0], ctx.dropout, ctx.seed)
         return d_x if ctx.needs_input_grad[0] else None, d_w_ih, d_w_hh, d_bias, None, None
 
@@ -158,8 +157,7 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.
             w_ih, w_hh = getattr(lstm, "weight_ih" + suffix), getattr(lstm, "weight_hh" + suffix)
             bias = getattr(lstm, "bias_ih" + suffix) + getattr(lstm, "bias_hh" + suffix)
             if keep:
-                hs, cs, h_last = _Layer.apply(seq, w_ih, w_hh, bias, drop, seed)
-                c_last = cs[:, -1]
+                hs, c_last, h_last = _Layer.apply(seq, w_ih, w_hh, bias, drop, seed)
             else:
                 hs, c_last = kernel().forward(seq, w_ih, w_hh, bias, False, drop, seed)
                 h_last = hs[:, -1]

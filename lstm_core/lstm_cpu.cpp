@@ -113,13 +113,6 @@ inline V vexp(V x) {
 inline V vsigmoid(V x) { return Vec::recip(Vec::set(1.f) + vexp(-x)); }
 inline V vtanh(V x) { return Vec::set(2.f) * vsigmoid(Vec::set(2.f) * x) - Vec::set(1.f); }
 
-// Ask for the next row's lines while this row computes: a row's gates and states sit T steps apart in the
-// (B, T, .) buffers, too far for the hardware prefetcher, and the backward pass read them from memory at
-// a third of the speed it runs at from cache.
-inline void prefetch(const float* p, int64_t floats) {
-  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
-}
-
 // One step for n rows. pre (n, 4H): the gates before activation, [x_t, h_{t-1}, 1] [W_ih; W_hh; bias]^T.
 // Writes the activated gates (row b at act + b * gstride), the new cell state and its tanh (row b at
 // + b * cstride), the hidden state (row b at h + b * hstride), and the hidden state again into the next
@@ -155,15 +148,15 @@ void cell_forward(const float* __restrict pre, float* __restrict act, int64_t gs
 }
 
 // One step back for n rows of P units: the gates' gradients before activation into d_gates (row b at
-// + b * gstride). dh (n, P) holds the gradient reaching h from the next step; dh_out, dc_out the gradients
-// from outside the recurrence (read when kDhOut, kDcOut; row b at + b * ostride, H units, zero beyond);
-// dc (n, P) the running gradient of the cell state. tc and c_prev have row b at + b * stride; c_prev is
-// null at the first step (the initial state is zero).
-template <bool kDhOut, bool kDcOut>
+// + b * gstride). dh (row b at + b * dh_stride, P units) holds the gradient reaching h from the next step;
+// dh_out the gradient from outside the recurrence (read when kDhOut; row b at + b * ostride, H units,
+// zero beyond); dc (n, P) the running gradient of the cell state. act has row b at + b * gstride, tc and
+// c_prev at + b * stride; c_prev is null at the first step (the initial state is zero).
+template <bool kDhOut>
 void cell_backward(const float* __restrict act, float* __restrict d_gates, int64_t gstride,
                    const float* __restrict tc, const float* __restrict c_prev, int64_t stride,
-                   const float* __restrict dh_out, const float* __restrict dc_out, int64_t ostride, int64_t H,
-                   const float* __restrict dh, float* __restrict dc, int64_t n, int64_t P) {
+                   const float* __restrict dh_out, int64_t ostride, int64_t H, const float* __restrict dh,
+                   int64_t dh_stride, float* __restrict dc, int64_t n, int64_t P) {
   const V one = Vec::set(1.f);
   for (int64_t b = 0; b < n; ++b) {
     const float* a = act + b * gstride;
@@ -171,22 +164,15 @@ void cell_backward(const float* __restrict act, float* __restrict d_gates, int64
     const float* tb = tc + b * stride;
     const float* cp = c_prev ? c_prev + b * stride : nullptr;
     const float* dho = kDhOut ? dh_out + b * ostride : nullptr;
-    const float* dco = kDcOut ? dc_out + b * ostride : nullptr;
-    const float* dhb = dh + b * P;
+    const float* dhb = dh + b * dh_stride;
     float* dcb = dc + b * P;
-    if (b + 1 < n) {
-      prefetch(a + gstride, 4 * P), prefetch(d + gstride, 4 * P), prefetch(tb + stride, P);
-      if (cp) prefetch(cp + stride, P);
-      if (kDhOut) prefetch(dho + ostride, H);
-    }
     VEC_LOOP
     for (int64_t j = 0; j < P; j += Vec::kWidth) {
-      const auto m = Vec::mask(P - j), mo = Vec::mask(H - j);
+      const auto m = Vec::mask(P - j);
       const V i = Vec::load(a + j, m), f = Vec::load(a + P + j, m), g = Vec::load(a + 2 * P + j, m);
       const V o = Vec::load(a + 3 * P + j, m), t = Vec::load(tb + j, m);
       V dht = Vec::load(dhb + j, m), dct = Vec::load(dcb + j, m);
-      if (kDhOut) dht = dht + Vec::load(dho + j, mo);
-      if (kDcOut) dct = dct + Vec::load(dco + j, mo);
+      if (kDhOut) dht = dht + Vec::load(dho + j, Vec::mask(H - j));
       dct = dct + dht * o * (one - t * t);
       Vec::store(d + j, dct * g * i * (one - i), m);
       Vec::store(d + P + j, cp ? dct * Vec::load(cp + j, m) * f * (one - f) : Vec::set(0.f), m);
@@ -325,20 +311,20 @@ int64_t rows_per_thread(int64_t batch) {
   return std::max<int64_t>(1, (batch + threads - 1) / threads);
 }
 
-// C (m, n) = A (m, k) B (k, n), row-major, each with its own row stride; A or B transposed when ta, tb
-// (then given as (k, m), (n, k)). Straight into the BLAS that libtorch carries (MKL's sgemm_ on x86) where
-// it exports one: at::mm_out's checks and tensor views cost 2-4 us a call, and a step's GEMM takes 20-50.
-// BLAS is column-major, so it computes C^T = B^T A^T.
+// C (m, n) = A (m, k) B (k, n), or C += A B when accumulate; row-major, each with its own row stride; A or
+// B transposed when ta, tb (then given as (k, m), (n, k)). Straight into the BLAS that libtorch carries
+// (MKL's sgemm_ on x86) where it exports one: at::mm_out's checks and tensor views cost 2-4 us a call,
+// and a step's GEMM takes 20-50. BLAS is column-major, so it computes C^T = B^T A^T.
 extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                        const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc) __attribute__((weak));
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-          int64_t ldb, float* c, int64_t ldc) {
+          int64_t ldb, float* c, int64_t ldc, bool accumulate = false) {
   if (sgemm_ != nullptr) {
     const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-    const float one = 1.f, zero = 0.f;
-    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &ni, &mi, &ki, &one, b, &lb, a, &la, &zero, c, &lc);
+    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &ni, &mi, &ki, &one, b, &lb, a, &la, &beta, c, &lc);
     return;
   }
   const auto view = [](const float* p, int64_t rows, int64_t cols, int64_t ld, bool t) {
@@ -346,7 +332,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
              : torch::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, torch::kFloat);
   };
   auto out = torch::from_blob(c, {m, n}, {ldc, 1}, torch::kFloat);
-  at::mm_out(out, view(a, m, k, lda, ta), view(b, k, n, ldb, tb));
+  if (accumulate) at::addmm_out(out, out, view(a, m, k, lda, ta), view(b, k, n, ldb, tb));
+  else at::mm_out(out, view(a, m, k, lda, ta), view(b, k, n, ldb, tb));
 }
 
 // The hidden size the kernel computes with: H rounded up to a multiple of 16 when that costs at most an
@@ -358,28 +345,30 @@ int64_t padded(int64_t H) {
   return P - H <= H / 8 ? P : H;
 }
 
-// dst (4P, dst_cols) = src (4H, cols; row stride src_ld) with each gate's rows padded from H to P and each
-// row's columns from cols to dst_cols, with zeros.
-void pad_gates(const float* src, int64_t src_ld, int64_t H, int64_t P, int64_t cols, float* dst, int64_t dst_cols) {
-  for (int64_t r = 0; r < 4 * P; ++r) {
-    float* d = dst + r * dst_cols;
-    const bool unit = r % P < H;
-    if (unit) std::memcpy(d, src + (r / P * H + r % P) * src_ld, cols * sizeof(float));
-    std::memset(d + (unit ? cols : 0), 0, (dst_cols - (unit ? cols : 0)) * sizeof(float));
-  }
-}
-
 }  // namespace
 
+// The kept buffers' layout: the batch in `parts` blocks of `rows` rows (the last may be shorter), one per
+// thread, and within a block, step by step: row r of step t of the block that starts at batch row b0 is
+// row b0 * T + t * n + r of a (B * T, .) buffer, n the block's rows. A step's rows are then adjacent (its
+// GEMM reads one matrix, the gate loops stream), and so are a run of steps, whose weight gradients
+// backward computes together while their gate gradients are still in cache.
+struct Blocks {
+  int64_t B, T, rows, parts;
+  Blocks(int64_t B_, int64_t T_, int64_t rows_) : B(B_), T(T_), rows(rows_), parts((B_ + rows_ - 1) / rows_) {}
+  int64_t begin(int64_t part) const { return part * rows; }
+  int64_t size(int64_t part) const { return std::min(rows, B - part * rows); }
+  int64_t step_row(int64_t part, int64_t t) const { return begin(part) * T + t * size(part); }
+};
+
 // x (B, T, F), rows of F contiguous (the previous layer's hs may come as a view), dropped out with
-// probability `dropout` (DropMask of `seed`) as the steps read it. With keep (for
-// backward), returns hs, cs (B, T, H): the hidden and cell states after every step, and the kernel's own
-// buffers, of the padded hidden size P (padded): tcs (B, T, P) = tanh(cs), gates (B, T, 4P): the activated
-// gates, and xh (B, T, F + P + 1): each step's GEMM input [x_t, h_{t-1}, 1], which gives backward both
-// weight gradients and the bias gradient in one GEMM. hs and cs are views of (B, T, P) buffers when P > H.
-// Without keep (inference), returns hs and the last cell state (B, H): each thread then reuses one step's
-// buffers, and evaluating the pixel model on 1,000 images needs ~0.4 GB, not ~3 GB.
-// kGemmsOnly skips the gate loops, for gemm_seconds.
+// probability `dropout` (DropMask of `seed`) as the steps read it. Returns hs (B, T, H): the hidden state
+// after every step (a view of a (B, T, P) buffer when P > H, P the padded hidden size), and c_last (B, H),
+// the last cell state. With keep (for backward) also the kernel's own buffers, in Blocks (the last
+// output, layout = [B, rows]), P units each: cs (B * T, P), the cell states, tcs = tanh(cs),
+// gates (B * T, 4P), the activated gates, and xh (B * T, F + P + 1), each step's GEMM input
+// [x_t, h_{t-1}, 1], which gives backward both weight gradients and the bias gradient. Without keep
+// (inference), each thread reuses one step's buffers, and evaluating the pixel model on 1,000 images
+// needs ~0.4 GB, not ~3 GB. kGemmsOnly skips the gate loops, for gemm_seconds.
 template <bool kGemmsOnly = false>
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
                                         torch::Tensor bias, bool keep, double dropout = 0.0, int64_t seed = 0) {
@@ -387,11 +376,13 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
   if (x.stride(2) != 1) x = x.contiguous();
   const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1), P = padded(H), K = F + P + 1;
   const auto opts = x.options();
+  const Blocks blocks(B, T, rows_per_thread(B));
   auto hs = pooled_empty({B, T, P});
-  auto cs = keep ? pooled_empty({B, T, P}) : torch::empty({B, H}, opts);
-  auto tcs = keep ? pooled_empty({B, T, P}) : torch::Tensor();
-  auto gates = keep ? pooled_empty({B, T, 4 * P}) : torch::Tensor();
-  auto xh = keep ? pooled_empty({B, T, K}) : torch::Tensor();
+  auto c_last = torch::empty({B, H}, opts);
+  auto cs = keep ? pooled_empty({B * T, P}) : torch::Tensor();
+  auto tcs = keep ? pooled_empty({B * T, P}) : torch::Tensor();
+  auto gates = keep ? pooled_empty({B * T, 4 * P}) : torch::Tensor();
+  auto xh = keep ? pooled_empty({B * T, K}) : torch::Tensor();
   // [W_ih; W_hh; bias]^T (F + P + 1, 4P), gate by gate, zero for the padding units; the GEMM adds the bias
   // through xh's column of ones
   auto w_t = P > H ? torch::zeros({K, 4 * P}, opts) : torch::empty({K, 4 * P}, opts);
@@ -403,123 +394,139 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
     std::memcpy(wt + (F + P) * 4 * P + g * P, b.data_ptr<float>() + g * H, H * sizeof(float));
   }
   const DropMask drop(dropout, seed);
-  const int64_t rows = rows_per_thread(B);
   const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, B, rows, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks.parts, 1, [&](int64_t part0, int64_t part1) {
     WorkerMode mode(inference);
-    const int64_t n = b1 - b0;
-    // each step is one GEMM, [x_t, h_{t-1}, 1] (n, K) @ [W_ih; W_hh; bias]^T, whose h columns the previous
-    // step's gate loop wrote; a separate input projection of all steps would write and re-read (B, T, 4P).
-    // Row r of step t is at base + r * stride + t * step: in the kept (B, T, .) tensors, or in this
-    // thread's one-step buffers (step 0; the cell state alternates between two).
-    auto pre = torch::empty({n, 4 * P}, opts);
-    auto xh_step = torch::empty({n, K}, opts);  // without keep, each step's GEMM input; with, the last h
-    auto gates_step = keep ? torch::Tensor() : torch::empty({n, 4 * P}, opts);
-    auto cs_step = keep ? torch::Tensor() : torch::empty({2, n, P}, opts);
-    auto tcs_step = keep ? torch::Tensor() : torch::empty({n, P}, opts);
-    float* xh0 = keep ? xh[b0].data_ptr<float>() : xh_step.data_ptr<float>();
-    float* g0 = keep ? gates[b0].data_ptr<float>() : gates_step.data_ptr<float>();
-    float* c0 = keep ? cs[b0].data_ptr<float>() : cs_step.data_ptr<float>();
-    float* t0 = keep ? tcs[b0].data_ptr<float>() : tcs_step.data_ptr<float>();
-    float* h0 = hs[b0].data_ptr<float>();
-    float* p0 = pre.data_ptr<float>();
-    const int64_t kstride = keep ? T * K : K, gstride = keep ? T * 4 * P : 4 * P, cstride = keep ? T * P : P;
-    const int64_t kstep = keep ? K : 0, gstep = keep ? 4 * P : 0, tstep = keep ? P : 0;
-    auto c_at = [&](int64_t t) { return keep ? c0 + t * P : c0 + (t % 2) * n * P; };
-    const float* x0 = x.data_ptr<float>() + b0 * x.stride(0);
-    for (int64_t r = 0; r < n; ++r) {
-      std::memset(xh0 + r * kstride + F, 0, P * sizeof(float));  // h_{-1} = 0
-      for (int64_t t = 0; t < (keep ? T : 1); ++t) xh0[r * kstride + t * K + F + P] = 1.f;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      float* xh_t = xh0 + t * kstep;
-      for (int64_t r = 0; r < n; ++r) {
-        const float* x_rt = x0 + r * x.stride(0) + t * x.stride(1);
-        if (drop.on()) drop.apply(xh_t + r * kstride, x_rt, F, ((b0 + r) * T + t) * F);
-        else std::memcpy(xh_t + r * kstride, x_rt, F * sizeof(float));
+    for (int64_t part = part0; part < part1; ++part) {
+      const int64_t b0 = blocks.begin(part), n = blocks.size(part);
+      // each step is one GEMM, [x_t, h_{t-1}, 1] (n, K) @ [W_ih; W_hh; bias]^T, whose h columns the previous
+      // step's gate loop wrote; a separate input projection of all steps would write and re-read (B, T, 4P).
+      // Without keep, every step uses the same one-step buffers (the cell state alternates between two).
+      auto pre = torch::empty({n, 4 * P}, opts);
+      auto step_xh = torch::empty({n, K}, opts);  // without keep, every step's GEMM input; with, the last h
+      auto step_gates = keep ? torch::Tensor() : torch::empty({n, 4 * P}, opts);
+      auto step_cs = keep ? torch::Tensor() : torch::empty({2, n, P}, opts);
+      auto step_tcs = keep ? torch::Tensor() : torch::empty({n, P}, opts);
+      const auto at_step = [&](const torch::Tensor& kept, const torch::Tensor& step, int64_t t, int64_t width) {
+        return keep ? kept.data_ptr<float>() + blocks.step_row(part, t) * width : step.data_ptr<float>();
+      };
+      const auto c_at = [&](int64_t t) {
+        return keep ? cs.data_ptr<float>() + blocks.step_row(part, t) * P : step_cs.data_ptr<float>() + (t % 2) * n * P;
+      };
+      float* p0 = pre.data_ptr<float>();
+      float* h0 = hs[b0].data_ptr<float>();
+      const float* x0 = x.data_ptr<float>() + b0 * x.stride(0);
+      for (int64_t t = 0; t < T; ++t) {
+        float* xh_t = at_step(xh, step_xh, t, K);
+        for (int64_t r = 0; r < n; ++r) {
+          const float* x_rt = x0 + r * x.stride(0) + t * x.stride(1);
+          if (drop.on()) drop.apply(xh_t + r * K, x_rt, F, ((b0 + r) * T + t) * F);
+          else std::memcpy(xh_t + r * K, x_rt, F * sizeof(float));
+          if (t == 0) std::memset(xh_t + r * K + F, 0, P * sizeof(float));  // h_{-1} = 0
+          xh_t[r * K + F + P] = 1.f;
+        }
+        gemm(false, false, n, 4 * P, K, xh_t, K, wt, 4 * P, p0, 4 * P);
+        if constexpr (kGemmsOnly) continue;
+        // the new h also goes into the next step's GEMM input (without keep, into this one's, now read)
+        float* h_next = (!keep ? xh_t : t + 1 < T ? at_step(xh, step_xh, t + 1, K) : step_xh.data_ptr<float>()) + F;
+        float* act = at_step(gates, step_gates, t, 4 * P);
+        float* tc = at_step(tcs, step_tcs, t, P);
+        if (t == 0)
+          cell_forward<true>(p0, act, 4 * P, nullptr, c_at(0), tc, P, h0, T * P, h_next, K, n, P);
+        else
+          cell_forward<false>(p0, act, 4 * P, c_at(t - 1), c_at(t), tc, P, h0 + t * P, T * P, h_next, K, n, P);
       }
-      gemm(false, false, n, 4 * P, K, xh_t, kstride, wt, 4 * P, p0, 4 * P);
-      const bool to_step = !keep || t + 1 == T;  // the new h goes into xh_step, not into xh's next step
-      float* h_next = to_step ? xh_step.data_ptr<float>() + F : xh_t + kstep + F;
-      const int64_t hn_stride = to_step ? K : kstride;
-      if constexpr (kGemmsOnly) continue;
-      if (t == 0)
-        cell_forward<true>(p0, g0, gstride, nullptr, c_at(0), t0, cstride, h0, T * P, h_next, hn_stride, n, P);
-      else
-        cell_forward<false>(p0, g0 + t * gstep, gstride, c_at(t - 1), c_at(t), t0 + t * tstep, cstride,
-                            h0 + t * P, T * P, h_next, hn_stride, n, P);
+      for (int64_t r = 0; r < n; ++r)  // the last cell state
+        std::memcpy(c_last[b0 + r].data_ptr<float>(), c_at(T - 1) + r * P, H * sizeof(float));
     }
-    if (!keep)  // the last cell state
-      for (int64_t r = 0; r < n; ++r) std::memcpy(cs[b0 + r].data_ptr<float>(), c_at(T - 1) + r * P, H * sizeof(float));
   });
-  const auto unpad = [&](const torch::Tensor& t) { return P > H ? t.narrow(2, 0, H) : t; };
-  if (!keep) return {unpad(hs), cs};
-  return {unpad(hs), unpad(cs), tcs, gates, xh};
+  auto hs_out = P > H ? hs.narrow(2, 0, H) : hs;
+  if (!keep) return {hs_out, c_last};
+  return {hs_out, c_last, cs, tcs, gates, xh, torch::tensor({B, blocks.rows}, torch::kLong)};
 }
 
-// dhs, dcs (B, T, H) or None: the loss's gradients with respect to hs and cs; dh_last (B, H) or None:
-// with respect to the final hidden state; xh, gates, cs, tcs: lstm_forward's, padded to P units; dropout
-// and seed: lstm_forward's, whose mask d_x goes through. Returns
-// d_x (B, T, F) (undefined unless need_dx), d_w_ih, d_w_hh and d_bias. Each thread takes its rows through
-// every step back and then computes its share of the weight and bias gradients with one single-threaded
-// GEMM, xh^T dG; the shares are summed at the end.
+// d_hs (B, T, H) or None: the loss's gradient with respect to hs; d_c_last, d_h_last (B, H) or None: with
+// respect to the last cell and hidden states; cs, tcs, gates, xh, layout: lstm_forward's; dropout and seed:
+// lstm_forward's, whose mask d_x goes through. Returns d_x (B, T, F) (undefined unless need_dx), d_w_ih,
+// d_w_hh and d_bias. Each thread takes its block through every step back, and every few steps computes
+// those steps' share of the weight and bias gradients with one GEMM, xh^T dG, while their gate gradients
+// are still in cache; the threads' shares are summed at the end.
 template <bool kGemmsOnly = false>
-std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> dhs_or_none,
-                                         std::optional<torch::Tensor> dcs_or_none,
-                                         std::optional<torch::Tensor> dh_last, torch::Tensor xh,
-                                         torch::Tensor w_ih, torch::Tensor w_hh, torch::Tensor gates,
-                                         torch::Tensor cs, torch::Tensor tcs, bool need_dx,
+std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> d_hs_or_none,
+                                         std::optional<torch::Tensor> d_c_last,
+                                         std::optional<torch::Tensor> d_h_last, torch::Tensor cs,
+                                         torch::Tensor tcs, torch::Tensor gates, torch::Tensor xh,
+                                         torch::Tensor layout, torch::Tensor w_ih, torch::Tensor w_hh, bool need_dx,
                                          double dropout = 0.0, int64_t seed = 0) {
-  const auto dhs = dhs_or_none.has_value() ? dhs_or_none->contiguous() : torch::Tensor();
-  const auto dcs = dcs_or_none.has_value() ? dcs_or_none->contiguous() : torch::Tensor();
-  const int64_t B = xh.size(0), T = xh.size(1), H = w_hh.size(1), P = gates.size(2) / 4, K = xh.size(2);
-  const int64_t F = K - P - 1;
-  TORCH_CHECK(P == padded(H) && w_ih.size(1) == F);
+  const auto d_hs = d_hs_or_none.has_value() ? d_hs_or_none->contiguous() : torch::Tensor();
+  const int64_t H = w_hh.size(1), P = gates.size(1) / 4, K = xh.size(1), F = K - P - 1, F_out = need_dx ? F : 0;
+  const int64_t B = layout[0].item<int64_t>(), T = xh.size(0) / B;
+  TORCH_CHECK(P == padded(H) && w_ih.size(1) == F && T * B == xh.size(0));
+  const Blocks blocks(B, T, layout[1].item<int64_t>());
   const auto opts = xh.options();
-  // W_hh (4P, P) and W_ih (4P, F) with the padding units' zero rows and columns
+  // [W_hh | W_ih] (4P, P + F): the weights by which a step's gate gradients reach h_{t-1} and x_t, with the
+  // padding units' zero rows and columns; one GEMM a step gives both
+  const int64_t N = P + F_out;
   const auto w_h = w_hh.contiguous(), w_i = w_ih.contiguous();
-  auto w = torch::empty({4 * P, P}, opts), w_in = need_dx ? torch::empty({4 * P, F}, opts) : torch::Tensor();
-  pad_gates(w_h.data_ptr<float>(), H, H, P, H, w.data_ptr<float>(), P);
-  if (need_dx) pad_gates(w_i.data_ptr<float>(), F, H, P, F, w_in.data_ptr<float>(), F);
-  const int64_t rows = rows_per_thread(B), parts = (B + rows - 1) / rows;
-  auto d_gates = pooled_empty({B, T, 4 * P});
+  auto w = torch::zeros({4 * P, N}, opts);
+  for (int64_t r = 0; r < 4 * P; ++r) {
+    if (r % P >= H) continue;
+    float* row = w.data_ptr<float>() + r * N;
+    std::memcpy(row, w_h.data_ptr<float>() + (r / P * H + r % P) * H, H * sizeof(float));
+    if (need_dx) std::memcpy(row + P, w_i.data_ptr<float>() + (r / P * H + r % P) * F, F * sizeof(float));
+  }
   auto d_x = need_dx ? pooled_empty({B, T, F}) : torch::Tensor();
-  auto dh = torch::zeros({B, P}, opts), dc = torch::zeros({B, P}, opts);
-  if (dh_last.has_value()) dh.narrow(1, 0, H).copy_(*dh_last);
-  auto d_w = torch::empty({parts, K, 4 * P}, opts);
+  auto d_w = torch::empty({blocks.parts, K, 4 * P}, opts);
   const DropMask drop(dropout, seed);
   const bool inference = c10::InferenceMode::is_enabled();
-  const auto step = dhs.defined() ? (dcs.defined() ? cell_backward<true, true> : cell_backward<true, false>)
-                                  : (dcs.defined() ? cell_backward<false, true> : cell_backward<false, false>);
-  at::parallel_for(0, B, rows, [&](int64_t b0, int64_t b1) {
+  const auto step = d_hs.defined() ? cell_backward<true> : cell_backward<false>;
+  at::parallel_for(0, blocks.parts, 1, [&](int64_t part0, int64_t part1) {
     WorkerMode mode(inference);
-    const int64_t n = b1 - b0, part = b0 / rows;
-    float* dh_rows = dh.data_ptr<float>() + b0 * P;
-    const float* a0 = gates[b0].data_ptr<float>();
-    float* d0 = d_gates[b0].data_ptr<float>();
-    const float *c0 = cs.data_ptr<float>() + b0 * T * P, *t0 = tcs[b0].data_ptr<float>();
-    const float* dh0 = dhs.defined() ? dhs[b0].data_ptr<float>() : nullptr;
-    const float* dc0 = dcs.defined() ? dcs[b0].data_ptr<float>() : nullptr;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      if constexpr (!kGemmsOnly)
-        step(a0 + t * 4 * P, d0 + t * 4 * P, T * 4 * P, t0 + t * P, t > 0 ? c0 + (t - 1) * P : nullptr, T * P,
-             dh0 ? dh0 + t * H : nullptr, dc0 ? dc0 + t * H : nullptr, T * H, H, dh_rows, dc.data_ptr<float>() + b0 * P,
-             n, P);
-      if (t > 0) gemm(false, false, n, P, 4 * P, d0 + t * 4 * P, T * 4 * P, w.data_ptr<float>(), P, dh_rows, P);
-    }
-    // these rows' gradients of all steps at once, of both matrices and the bias in one GEMM:
-    // [x, h_prev, 1]^T dG (K, 4P); MKL runs it faster this way round than as dG^T [x, h_prev, 1]
-    gemm(true, false, K, 4 * P, n * T, xh[b0].data_ptr<float>(), K, d0, 4 * P, d_w[part].data_ptr<float>(), 4 * P);
-    if (need_dx) {
-      float* dx = d_x[b0].data_ptr<float>();
-      gemm(false, false, n * T, F, 4 * P, d0, 4 * P, w_in.data_ptr<float>(), F, dx, F);
-      if (drop.on()) drop.scale(dx, n * T * F, b0 * T * F);  // the forward pass's dropout of x
+    for (int64_t part = part0; part < part1; ++part) {
+      const int64_t b0 = blocks.begin(part), n = blocks.size(part);
+      // steps whose gate gradients (~0.5-1 MB) stay in cache until their weight-gradient GEMM
+      const int64_t chunk = std::clamp<int64_t>(512 / n, 1, T);
+      auto d_gates = torch::empty({chunk * n, 4 * P}, opts);
+      auto back = torch::empty({n, N}, opts);  // a step's [dh_{t-1} | dx_t]
+      auto dc = torch::zeros({n, P}, opts);
+      float* bk = back.data_ptr<float>();
+      back.narrow(1, 0, P).zero_();
+      if (d_h_last.has_value())
+        for (int64_t r = 0; r < n; ++r) std::memcpy(bk + r * N, (*d_h_last)[b0 + r].data_ptr<float>(), H * sizeof(float));
+      if (d_c_last.has_value())
+        for (int64_t r = 0; r < n; ++r)
+          std::memcpy(dc.data_ptr<float>() + r * P, (*d_c_last)[b0 + r].data_ptr<float>(), H * sizeof(float));
+      const float* dh0 = d_hs.defined() ? d_hs[b0].data_ptr<float>() : nullptr;
+      float* dw = d_w[part].data_ptr<float>();
+      for (int64_t hi = T; hi > 0; hi -= chunk) {
+        const int64_t lo = std::max<int64_t>(0, hi - chunk);
+        for (int64_t t = hi - 1; t >= lo; --t) {
+          const int64_t row = blocks.step_row(part, t);
+          float* dg = d_gates.data_ptr<float>() + (t - lo) * n * 4 * P;
+          if constexpr (!kGemmsOnly)
+            step(gates.data_ptr<float>() + row * 4 * P, dg, 4 * P, tcs.data_ptr<float>() + row * P,
+                 t > 0 ? cs.data_ptr<float>() + blocks.step_row(part, t - 1) * P : nullptr, P,
+                 dh0 ? dh0 + t * H : nullptr, T * H, H, bk, N, dc.data_ptr<float>(), n, P);
+          if (t == 0 && !need_dx) continue;
+          gemm(false, false, n, N, 4 * P, dg, 4 * P, w.data_ptr<float>(), N, bk, N);
+          if (need_dx)  // this step's d_x rows, through the forward pass's dropout of x
+            for (int64_t r = 0; r < n; ++r) {
+              float* dx = d_x.data_ptr<float>() + ((b0 + r) * T + t) * F;
+              if (drop.on()) drop.apply(dx, bk + r * N + P, F, ((b0 + r) * T + t) * F);
+              else std::memcpy(dx, bk + r * N + P, F * sizeof(float));
+            }
+        }
+        // these steps' gradients of both matrices and the bias, [x, h_prev, 1]^T dG (K, 4P), added up
+        gemm(true, false, K, 4 * P, (hi - lo) * n, xh.data_ptr<float>() + blocks.step_row(part, lo) * K, K,
+             d_gates.data_ptr<float>(), 4 * P, dw, 4 * P, hi < T);
+      }
     }
   });
   // the threads' shares summed and transposed, gate by gate: rows k < F of [x, h_prev, 1]^T dG are
   // d_w_ih's columns, the next H d_w_hh's, and row F + P the bias gradient
   auto d_w_ih = torch::empty({4 * H, F}, opts), d_w_hh = torch::empty({4 * H, H}, opts), d_bias = torch::empty({4 * H}, opts);
   const float* dw0 = d_w.data_ptr<float>();
+  const int64_t parts = blocks.parts;
   for (int64_t g = 0; g < 4; ++g) {
     transpose_sum(dw0 + g * P, 4 * P, parts, K * 4 * P, d_w_ih.data_ptr<float>() + g * H * F, F, H, F);
     transpose_sum(dw0 + F * 4 * P + g * P, 4 * P, parts, K * 4 * P, d_w_hh.data_ptr<float>() + g * H * H, H, H, H);
@@ -550,7 +557,7 @@ double gemm_seconds(int64_t B, int64_t T, int64_t F, int64_t H, bool need_dx, in
   const auto bias = torch::zeros({4 * H}), dh_last = torch::zeros({B, H});
   auto pass = [&] {
     const auto out = lstm_forward<true>(x, w_ih, w_hh, bias, true);
-    lstm_backward<true>(std::nullopt, std::nullopt, dh_last, out[4], w_ih, w_hh, out[3], out[1], out[2], need_dx);
+    lstm_backward<true>(std::nullopt, std::nullopt, dh_last, out[2], out[3], out[4], out[5], out[6], w_ih, w_hh, need_dx);
   };
   pass();  // warm-up
   const auto started = std::chrono::steady_clock::now();
@@ -643,9 +650,9 @@ torch::Tensor batch_images(torch::Tensor images, torch::Tensor idx, std::optiona
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &lstm_forward<>, "LSTM layer forward, CPU fp32", py::arg("x"), py::arg("w_ih"), py::arg("w_hh"),
         py::arg("bias"), py::arg("keep"), py::arg("dropout") = 0.0, py::arg("seed") = 0);
-  m.def("backward", &lstm_backward<>, "LSTM layer backward, CPU fp32", py::arg("dhs"), py::arg("dcs"),
-        py::arg("dh_last"), py::arg("xh"), py::arg("w_ih"), py::arg("w_hh"), py::arg("gates"), py::arg("cs"),
-        py::arg("tcs"), py::arg("need_dx"), py::arg("dropout") = 0.0, py::arg("seed") = 0);
+  m.def("backward", &lstm_backward<>, "LSTM layer backward, CPU fp32", py::arg("d_hs"), py::arg("d_c_last"),
+        py::arg("d_h_last"), py::arg("cs"), py::arg("tcs"), py::arg("gates"), py::arg("xh"), py::arg("layout"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("need_dx"), py::arg("dropout") = 0.0, py::arg("seed") = 0);
   m.def("gemm_seconds", &gemm_seconds, "seconds per forward + backward of one layer in its GEMMs alone");
   m.def("batch_images", &batch_images, "uint8 images[idx] -> normalised floats, augmented when u is given");
   m.def("dropout_mask", &dropout_mask, "dropout mask, CPU fp32");
