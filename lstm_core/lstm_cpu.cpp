@@ -388,11 +388,13 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, tor
   auto w_t = P > H ? torch::zeros({K, 4 * P}, opts) : torch::empty({K, 4 * P}, opts);
   const auto w_i = w_ih.contiguous(), w_h = w_hh.contiguous(), b = bias.contiguous();
   float* wt = w_t.data_ptr<float>();
-  for (int64_t g = 0; g < 4; ++g) {
-    transpose_sum(w_i.data_ptr<float>() + g * H * F, F, 1, 0, wt + g * P, 4 * P, F, H);
-    transpose_sum(w_h.data_ptr<float>() + g * H * H, H, 1, 0, wt + F * 4 * P + g * P, 4 * P, H, H);
-    std::memcpy(wt + (F + P) * 4 * P + g * P, b.data_ptr<float>() + g * H, H * sizeof(float));
-  }
+  at::parallel_for(0, 4, 1, [&](int64_t g0, int64_t g1) {  // the gates split between the threads
+    for (int64_t g = g0; g < g1; ++g) {
+      transpose_sum(w_i.data_ptr<float>() + g * H * F, F, 1, 0, wt + g * P, 4 * P, F, H);
+      transpose_sum(w_h.data_ptr<float>() + g * H * H, H, 1, 0, wt + F * 4 * P + g * P, 4 * P, H, H);
+      std::memcpy(wt + (F + P) * 4 * P + g * P, b.data_ptr<float>() + g * H, H * sizeof(float));
+    }
+  });
   const DropMask drop(dropout, seed);
   const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, blocks.parts, 1, [&](int64_t part0, int64_t part1) {
@@ -527,11 +529,13 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> d_hs_or_no
   auto d_w_ih = torch::empty({4 * H, F}, opts), d_w_hh = torch::empty({4 * H, H}, opts), d_bias = torch::empty({4 * H}, opts);
   const float* dw0 = d_w.data_ptr<float>();
   const int64_t parts = blocks.parts;
-  for (int64_t g = 0; g < 4; ++g) {
-    transpose_sum(dw0 + g * P, 4 * P, parts, K * 4 * P, d_w_ih.data_ptr<float>() + g * H * F, F, H, F);
-    transpose_sum(dw0 + F * 4 * P + g * P, 4 * P, parts, K * 4 * P, d_w_hh.data_ptr<float>() + g * H * H, H, H, H);
-    transpose_sum(dw0 + (F + P) * 4 * P + g * P, 1, parts, K * 4 * P, d_bias.data_ptr<float>() + g * H, 1, H, 1);
-  }
+  at::parallel_for(0, 4, 1, [&](int64_t g0, int64_t g1) {  // the gates split between the threads
+    for (int64_t g = g0; g < g1; ++g) {
+      transpose_sum(dw0 + g * P, 4 * P, parts, K * 4 * P, d_w_ih.data_ptr<float>() + g * H * F, F, H, F);
+      transpose_sum(dw0 + F * 4 * P + g * P, 4 * P, parts, K * 4 * P, d_w_hh.data_ptr<float>() + g * H * H, H, H, H);
+      transpose_sum(dw0 + (F + P) * 4 * P + g * P, 1, parts, K * 4 * P, d_bias.data_ptr<float>() + g * H, 1, H, 1);
+    }
+  });
   return {d_x, d_w_ih, d_w_hh, d_bias};
 }
 
