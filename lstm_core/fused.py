@@ -90,27 +90,28 @@ def applies(lstm: nn.LSTM, x: torch.Tensor) -> bool:
             and available())
 
 
-class _Layer(torch.autograd.Function):
-    """One LSTM layer in one direction. x (B, T, F) -> hs (B, T, H), c_last, h_last (B, H).
-
-    x is dropped out with probability `dropout` as the kernel reads it (the mask dropout_mask would make
-    from `seed`), so the previous layer's dropout costs no tensor of its own. h_last is hs[:, -1] as an
-    output of its own: a classifier that reads only the final state then sends no (B, T, H) gradient of
-    zeros into the backward pass."""
+class _Stack(torch.autograd.Function):
+    """A unidirectional stack of LSTM layers: x (B, T, F) -> hs (B, T, H) of the last layer, c_n, h_n
+    (L, B, H). weights: w_ih, w_hh and b_ih + b_hh of each layer. Each layer's output is dropped out with
+    probability `dropout` as the next layer reads it (the masks dropout_mask would make from `seeds`), so
+    dropout costs no tensor of its own, and a classifier that reads only h_n sends no (B, T, H) gradient
+    of zeros into the backward pass."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, w_hh, bias, dropout=0.0, seed=0):
-        hs, c_last, *kept = kernel().forward(x, w_ih, w_hh, bias, True, dropout, seed)   # cs, tcs, gates, xh, layout
-        ctx.save_for_backward(*kept, w_ih, w_hh)
+    def forward(ctx, x, dropout, seeds, *weights):
+        hs, c_n, h_n, layout, *kept = kernel().forward(x, list(weights), True, dropout, seeds)
+        ctx.save_for_backward(layout, *kept, *weights)
         ctx.set_materialize_grads(False)
-        ctx.dropout, ctx.seed = dropout, seed
-        return hs, c_last, hs[:, -1].clone()
+        ctx.dropout, ctx.seeds, ctx.layers = dropout, seeds, len(weights) // 3
+        return hs, c_n, h_n
 
     @staticmethod
-    def backward(ctx, d_hs, d_c_last, d_h_last):
-        d_x, d_w_ih, d_w_hh, d_bias = kernel().backward(d_hs, d_c_last, d_h_last, *ctx.saved_tensors,
-                                                        ctx.needs_input_grad[0], ctx.dropout, ctx.seed)
-        return d_x if ctx.needs_input_grad[0] else None, d_w_ih, d_w_hh, d_bias, None, None
+    def backward(ctx, d_hs, d_c_n, d_h_n):
+        layout, *saved = ctx.saved_tensors
+        kept, weights = saved[:4 * ctx.layers], saved[4 * ctx.layers:]
+        d_x, *d_weights = kernel().backward(d_hs, d_c_n, d_h_n, layout, kept, weights, ctx.needs_input_grad[0],
+                                            ctx.dropout, ctx.seeds)
+        return (d_x if ctx.needs_input_grad[0] else None, None, None, *d_weights)
 
 
 def dropout_seed() -> int:
@@ -146,31 +147,32 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.
         return lstm(x)
     # autograd needs every step's state; inference only the outputs (and the kernel then keeps no more)
     keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in lstm.parameters()))
+
+    def stack(seq, layers, suffix, dropout):
+        weights = [w for layer in layers for w in (getattr(lstm, f"weight_ih_l{layer}{suffix}"),
+                                                   getattr(lstm, f"weight_hh_l{layer}{suffix}"),
+                                                   getattr(lstm, f"bias_ih_l{layer}{suffix}") + getattr(lstm, f"bias_hh_l{layer}{suffix}"))]
+        seeds = [dropout_seed() for _ in layers[1:]] if dropout else []
+        if keep:
+            return _Stack.apply(seq, dropout, seeds, *weights)
+        return kernel().forward(seq, weights, False, dropout, seeds)
+
+    dropout = lstm.dropout if lstm.training and lstm.num_layers > 1 else 0.0
+    if not lstm.bidirectional:           # the whole stack in one call: each thread takes its rows through all layers
+        hs, c_n, h_n = stack(x, range(lstm.num_layers), "", dropout)
+        return hs, (h_n, c_n)
     layer_in = x                                                               # (B, T, F)
     finals_h, finals_c = [], []
-    drop, seed = 0.0, 0          # the dropout of layer_in, which a unidirectional layer applies as it reads it
-    for layer in range(lstm.num_layers):
+    for layer in range(lstm.num_layers):  # both directions read each layer's output, one of them flipped
         outs = []
-        for direction in range(2 if lstm.bidirectional else 1):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            seq = layer_in.flip(1) if direction else layer_in
-            w_ih, w_hh = getattr(lstm, "weight_ih" + suffix), getattr(lstm, "weight_hh" + suffix)
-            bias = getattr(lstm, "bias_ih" + suffix) + getattr(lstm, "bias_hh" + suffix)
-            if keep:
-                hs, c_last, h_last = _Layer.apply(seq, w_ih, w_hh, bias, drop, seed)
-            else:
-                hs, c_last = kernel().forward(seq, w_ih, w_hh, bias, False, drop, seed)
-                h_last = hs[:, -1]
-            finals_h.append(h_last)
-            finals_c.append(c_last)
+        for direction, suffix in enumerate(("", "_reverse")):
+            hs, c_n, h_n = stack(layer_in.flip(1) if direction else layer_in, [layer], suffix, 0.0)
+            finals_h.append(h_n[0])
+            finals_c.append(c_n[0])
             outs.append(hs.flip(1) if direction else hs)
-        layer_in = torch.cat(outs, 2) if len(outs) > 1 else outs[0]           # (B, T, D*H)
-        drop, seed = 0.0, 0
-        if lstm.dropout and lstm.training and layer < lstm.num_layers - 1:
-            if lstm.bidirectional:   # both directions read it, one of them flipped: drop it once, here
-                layer_in = layer_in * dropout_mask(layer_in.shape, lstm.dropout)
-            else:
-                drop, seed = lstm.dropout, dropout_seed()
+        layer_in = torch.cat(outs, 2)                                          # (B, T, 2H)
+        if dropout and layer < lstm.num_layers - 1:
+            layer_in = layer_in * dropout_mask(layer_in.shape, dropout)
     return layer_in, (torch.stack(finals_h), torch.stack(finals_c))
 
 

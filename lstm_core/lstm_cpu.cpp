@@ -360,183 +360,261 @@ struct Blocks {
   int64_t step_row(int64_t part, int64_t t) const { return begin(part) * T + t * size(part); }
 };
 
-// x (B, T, F), rows of F contiguous (the previous layer's hs may come as a view), dropped out with
-// probability `dropout` (DropMask of `seed`) as the steps read it. Returns hs (B, T, H): the hidden state
-// after every step (a view of a (B, T, P) buffer when P > H, P the padded hidden size), and c_last (B, H),
-// the last cell state. With keep (for backward) also the kernel's own buffers, in Blocks (the last
-// output, layout = [B, rows]), P units each: cs (B * T, P), the cell states, tcs = tanh(cs),
-// gates (B * T, 4P), the activated gates, and xh (B * T, F + P + 1), each step's GEMM input
-// [x_t, h_{t-1}, 1], which gives backward both weight gradients and the bias gradient. Without keep
-// (inference), each thread reuses one step's buffers, and evaluating the pixel model on 1,000 images
-// needs ~0.4 GB, not ~3 GB. kGemmsOnly skips the gate loops, for gemm_seconds.
-template <bool kGemmsOnly = false>
-std::vector<torch::Tensor> lstm_forward(torch::Tensor x, torch::Tensor w_ih, torch::Tensor w_hh,
-                                        torch::Tensor bias, bool keep, double dropout = 0.0, int64_t seed = 0) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat);
-  if (x.stride(2) != 1) x = x.contiguous();
-  const int64_t B = x.size(0), T = x.size(1), F = x.size(2), H = w_hh.size(1), P = padded(H), K = F + P + 1;
-  const auto opts = x.options();
-  const Blocks blocks(B, T, rows_per_thread(B));
-  auto hs = pooled_empty({B, T, P});
-  auto c_last = torch::empty({B, H}, opts);
-  auto cs = keep ? pooled_empty({B * T, P}) : torch::Tensor();
-  auto tcs = keep ? pooled_empty({B * T, P}) : torch::Tensor();
-  auto gates = keep ? pooled_empty({B * T, 4 * P}) : torch::Tensor();
-  auto xh = keep ? pooled_empty({B * T, K}) : torch::Tensor();
-  // [W_ih; W_hh; bias]^T (F + P + 1, 4P), gate by gate, zero for the padding units; the GEMM adds the bias
-  // through xh's column of ones
-  auto w_t = P > H ? torch::zeros({K, 4 * P}, opts) : torch::empty({K, 4 * P}, opts);
-  const auto w_i = w_ih.contiguous(), w_h = w_hh.contiguous(), b = bias.contiguous();
-  float* wt = w_t.data_ptr<float>();
-  at::parallel_for(0, 4, 1, [&](int64_t g0, int64_t g1) {  // the gates split between the threads
-    for (int64_t g = g0; g < g1; ++g) {
-      transpose_sum(w_i.data_ptr<float>() + g * H * F, F, 1, 0, wt + g * P, 4 * P, F, H);
-      transpose_sum(w_h.data_ptr<float>() + g * H * H, H, 1, 0, wt + F * 4 * P + g * P, 4 * P, H, H);
-      std::memcpy(wt + (F + P) * 4 * P + g * P, b.data_ptr<float>() + g * H, H * sizeof(float));
+// One layer of a stack: its sizes (P: the padded hidden size), its weights as the forward GEMMs read
+// them, and its buffers.
+struct Layer {
+  int64_t F, H, P, K;
+  torch::Tensor w_t;                 // [W_ih; W_hh; bias]^T (F + P + 1, 4P), zero for the padding units
+  torch::Tensor hs;                  // (B, T, P), the hidden states
+  torch::Tensor cs, tcs, gates, xh;  // kept for backward (Blocks layout): (B * T, P), (B * T, P), (B * T, 4P), (B * T, K)
+};
+
+// One layer forward for one block of rows. x0: the block's first input row, rows sx0 apart, steps sx1,
+// dropped out by `drop` (indices of x's (B, T, F) layout) as they are copied into the steps' GEMM inputs.
+// Writes the layer's hs (and, with keep, its kept buffers) and the block's last cell and hidden states.
+template <bool kGemmsOnly>
+void forward_block(Layer& layer, const float* x0, int64_t sx0, int64_t sx1, const DropMask& drop, const Blocks& blocks,
+                   int64_t part, bool keep, float* c_last, float* h_last) {
+  const int64_t F = layer.F, H = layer.H, P = layer.P, K = layer.K, T = blocks.T;
+  const int64_t b0 = blocks.begin(part), n = blocks.size(part);
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat);
+  // each step is one GEMM, [x_t, h_{t-1}, 1] (n, K) @ [W_ih; W_hh; bias]^T, whose h columns the previous
+  // step's gate loop wrote; a separate input projection of all steps would write and re-read (B, T, 4P).
+  // Without keep, every step uses the same one-step buffers (the cell state alternates between two).
+  auto pre = torch::empty({n, 4 * P}, opts);
+  auto step_xh = torch::empty({n, K}, opts);  // without keep, every step's GEMM input; with, the last h
+  auto step_gates = keep ? torch::Tensor() : torch::empty({n, 4 * P}, opts);
+  auto step_cs = keep ? torch::Tensor() : torch::empty({2, n, P}, opts);
+  auto step_tcs = keep ? torch::Tensor() : torch::empty({n, P}, opts);
+  const auto at_step = [&](const torch::Tensor& kept, const torch::Tensor& step, int64_t t, int64_t width) {
+    return keep ? kept.data_ptr<float>() + blocks.step_row(part, t) * width : step.data_ptr<float>();
+  };
+  const auto c_at = [&](int64_t t) {
+    return keep ? layer.cs.data_ptr<float>() + blocks.step_row(part, t) * P : step_cs.data_ptr<float>() + (t % 2) * n * P;
+  };
+  float* p0 = pre.data_ptr<float>();
+  float* h0 = layer.hs.data_ptr<float>() + b0 * T * P;
+  const float* wt = layer.w_t.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    float* xh_t = at_step(layer.xh, step_xh, t, K);
+    for (int64_t r = 0; r < n; ++r) {
+      const float* x_rt = x0 + r * sx0 + t * sx1;
+      if (drop.on()) drop.apply(xh_t + r * K, x_rt, F, ((b0 + r) * T + t) * F);
+      else std::memcpy(xh_t + r * K, x_rt, F * sizeof(float));
+      if (t == 0) std::memset(xh_t + r * K + F, 0, P * sizeof(float));  // h_{-1} = 0
+      xh_t[r * K + F + P] = 1.f;
     }
-  });
-  const DropMask drop(dropout, seed);
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, blocks.parts, 1, [&](int64_t part0, int64_t part1) {
-    WorkerMode mode(inference);
-    for (int64_t part = part0; part < part1; ++part) {
-      const int64_t b0 = blocks.begin(part), n = blocks.size(part);
-      // each step is one GEMM, [x_t, h_{t-1}, 1] (n, K) @ [W_ih; W_hh; bias]^T, whose h columns the previous
-      // step's gate loop wrote; a separate input projection of all steps would write and re-read (B, T, 4P).
-      // Without keep, every step uses the same one-step buffers (the cell state alternates between two).
-      auto pre = torch::empty({n, 4 * P}, opts);
-      auto step_xh = torch::empty({n, K}, opts);  // without keep, every step's GEMM input; with, the last h
-      auto step_gates = keep ? torch::Tensor() : torch::empty({n, 4 * P}, opts);
-      auto step_cs = keep ? torch::Tensor() : torch::empty({2, n, P}, opts);
-      auto step_tcs = keep ? torch::Tensor() : torch::empty({n, P}, opts);
-      const auto at_step = [&](const torch::Tensor& kept, const torch::Tensor& step, int64_t t, int64_t width) {
-        return keep ? kept.data_ptr<float>() + blocks.step_row(part, t) * width : step.data_ptr<float>();
-      };
-      const auto c_at = [&](int64_t t) {
-        return keep ? cs.data_ptr<float>() + blocks.step_row(part, t) * P : step_cs.data_ptr<float>() + (t % 2) * n * P;
-      };
-      float* p0 = pre.data_ptr<float>();
-      float* h0 = hs[b0].data_ptr<float>();
-      const float* x0 = x.data_ptr<float>() + b0 * x.stride(0);
-      for (int64_t t = 0; t < T; ++t) {
-        float* xh_t = at_step(xh, step_xh, t, K);
-        for (int64_t r = 0; r < n; ++r) {
-          const float* x_rt = x0 + r * x.stride(0) + t * x.stride(1);
-          if (drop.on()) drop.apply(xh_t + r * K, x_rt, F, ((b0 + r) * T + t) * F);
-          else std::memcpy(xh_t + r * K, x_rt, F * sizeof(float));
-          if (t == 0) std::memset(xh_t + r * K + F, 0, P * sizeof(float));  // h_{-1} = 0
-          xh_t[r * K + F + P] = 1.f;
-        }
-        gemm(false, false, n, 4 * P, K, xh_t, K, wt, 4 * P, p0, 4 * P);
-        if constexpr (kGemmsOnly) continue;
-        // the new h also goes into the next step's GEMM input (without keep, into this one's, now read)
-        float* h_next = (!keep ? xh_t : t + 1 < T ? at_step(xh, step_xh, t + 1, K) : step_xh.data_ptr<float>()) + F;
-        float* act = at_step(gates, step_gates, t, 4 * P);
-        float* tc = at_step(tcs, step_tcs, t, P);
-        if (t == 0)
-          cell_forward<true>(p0, act, 4 * P, nullptr, c_at(0), tc, P, h0, T * P, h_next, K, n, P);
-        else
-          cell_forward<false>(p0, act, 4 * P, c_at(t - 1), c_at(t), tc, P, h0 + t * P, T * P, h_next, K, n, P);
-      }
-      for (int64_t r = 0; r < n; ++r)  // the last cell state
-        std::memcpy(c_last[b0 + r].data_ptr<float>(), c_at(T - 1) + r * P, H * sizeof(float));
-    }
-  });
-  auto hs_out = P > H ? hs.narrow(2, 0, H) : hs;
-  if (!keep) return {hs_out, c_last};
-  return {hs_out, c_last, cs, tcs, gates, xh, torch::tensor({B, blocks.rows}, torch::kLong)};
+    gemm(false, false, n, 4 * P, K, xh_t, K, wt, 4 * P, p0, 4 * P);
+    if constexpr (kGemmsOnly) continue;
+    // the new h also goes into the next step's GEMM input (without keep, into this one's, now read)
+    float* h_next = (!keep ? xh_t : t + 1 < T ? at_step(layer.xh, step_xh, t + 1, K) : step_xh.data_ptr<float>()) + F;
+    float* act = at_step(layer.gates, step_gates, t, 4 * P);
+    float* tc = at_step(layer.tcs, step_tcs, t, P);
+    if (t == 0)
+      cell_forward<true>(p0, act, 4 * P, nullptr, c_at(0), tc, P, h0, T * P, h_next, K, n, P);
+    else
+      cell_forward<false>(p0, act, 4 * P, c_at(t - 1), c_at(t), tc, P, h0 + t * P, T * P, h_next, K, n, P);
+  }
+  for (int64_t r = 0; r < n; ++r) {  // the last states
+    std::memcpy(c_last + (b0 + r) * H, c_at(T - 1) + r * P, H * sizeof(float));
+    std::memcpy(h_last + (b0 + r) * H, h0 + r * T * P + (T - 1) * P, H * sizeof(float));
+  }
 }
 
-// d_hs (B, T, H) or None: the loss's gradient with respect to hs; d_c_last, d_h_last (B, H) or None: with
-// respect to the last cell and hidden states; cs, tcs, gates, xh, layout: lstm_forward's; dropout and seed:
-// lstm_forward's, whose mask d_x goes through. Returns d_x (B, T, F) (undefined unless need_dx), d_w_ih,
-// d_w_hh and d_bias. Each thread takes its block through every step back, and every few steps computes
-// those steps' share of the weight and bias gradients with one GEMM, xh^T dG, while their gate gradients
-// are still in cache; the threads' shares are summed at the end.
+// A unidirectional stack of L layers: x (B, T, F), rows of F contiguous; weights: w_ih, w_hh and bias
+// (b_ih + b_hh) of each layer; each layer's output is dropped out with probability `dropout` (DropMask of
+// seeds[l]) as layer l + 1 reads it. Returns hs (B, T, H): the last layer's hidden state after every step
+// (a view of a (B, T, P) buffer when P > H), and c_n, h_n (L, B, H), every layer's last cell and hidden
+// states. With keep (for backward) also layout = [B, rows] (Blocks) and each layer's kept buffers: cs,
+// tcs = tanh(cs), gates and xh, the steps' GEMM inputs [x_t, h_{t-1}, 1], which give backward both weight
+// gradients and the bias gradient. Without keep (inference), each thread reuses one step's buffers, and
+// evaluating the pixel model on 1,000 images needs ~0.4 GB, not ~3 GB.
+//
+// Each thread takes its block of rows through every layer in turn (a block's next layer needs only its
+// own rows), so the threads meet once per stack, not once per layer, and a layer reads its input while
+// it is still in cache. kGemmsOnly skips the gate loops, for gemm_seconds.
 template <bool kGemmsOnly = false>
-std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> d_hs_or_none,
-                                         std::optional<torch::Tensor> d_c_last,
-                                         std::optional<torch::Tensor> d_h_last, torch::Tensor cs,
-                                         torch::Tensor tcs, torch::Tensor gates, torch::Tensor xh,
-                                         torch::Tensor layout, torch::Tensor w_ih, torch::Tensor w_hh, bool need_dx,
-                                         double dropout = 0.0, int64_t seed = 0) {
-  const auto d_hs = d_hs_or_none.has_value() ? d_hs_or_none->contiguous() : torch::Tensor();
-  const int64_t H = w_hh.size(1), P = gates.size(1) / 4, K = xh.size(1), F = K - P - 1, F_out = need_dx ? F : 0;
-  const int64_t B = layout[0].item<int64_t>(), T = xh.size(0) / B;
-  TORCH_CHECK(P == padded(H) && w_ih.size(1) == F && T * B == xh.size(0));
-  const Blocks blocks(B, T, layout[1].item<int64_t>());
-  const auto opts = xh.options();
-  // [W_hh | W_ih] (4P, P + F): the weights by which a step's gate gradients reach h_{t-1} and x_t, with the
-  // padding units' zero rows and columns; one GEMM a step gives both
-  const int64_t N = P + F_out;
-  const auto w_h = w_hh.contiguous(), w_i = w_ih.contiguous();
-  auto w = torch::zeros({4 * P, N}, opts);
-  for (int64_t r = 0; r < 4 * P; ++r) {
-    if (r % P >= H) continue;
-    float* row = w.data_ptr<float>() + r * N;
-    std::memcpy(row, w_h.data_ptr<float>() + (r / P * H + r % P) * H, H * sizeof(float));
-    if (need_dx) std::memcpy(row + P, w_i.data_ptr<float>() + (r / P * H + r % P) * F, F * sizeof(float));
+std::vector<torch::Tensor> lstm_forward(torch::Tensor x, std::vector<torch::Tensor> weights, bool keep,
+                                        double dropout = 0.0, std::vector<int64_t> seeds = {}) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && !weights.empty() && weights.size() % 3 == 0);
+  if (x.stride(2) != 1) x = x.contiguous();
+  const int64_t L = weights.size() / 3, B = x.size(0), T = x.size(1), H = weights[1].size(1);
+  TORCH_CHECK(dropout == 0.0 || static_cast<int64_t>(seeds.size()) == L - 1, "one dropout seed per layer but the last");
+  const auto opts = x.options();
+  const Blocks blocks(B, T, rows_per_thread(B));
+  std::vector<Layer> layers(L);
+  for (int64_t l = 0; l < L; ++l) {
+    Layer& layer = layers[l];
+    layer.F = l ? H : x.size(2), layer.H = H, layer.P = padded(H), layer.K = layer.F + layer.P + 1;
+    const int64_t P = layer.P;
+    TORCH_CHECK(weights[3 * l].size(1) == layer.F && weights[3 * l + 1].size(1) == H);
+    layer.w_t = P > H ? torch::zeros({layer.K, 4 * P}, opts) : torch::empty({layer.K, 4 * P}, opts);
+    layer.hs = pooled_empty({B, T, P});
+    if (keep) {
+      layer.cs = pooled_empty({B * T, P}), layer.tcs = pooled_empty({B * T, P});
+      layer.gates = pooled_empty({B * T, 4 * P}), layer.xh = pooled_empty({B * T, layer.K});
+    }
   }
-  auto d_x = need_dx ? pooled_empty({B, T, F}) : torch::Tensor();
-  auto d_w = torch::empty({blocks.parts, K, 4 * P}, opts);
-  const DropMask drop(dropout, seed);
+  std::vector<torch::Tensor> w(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) w[i] = weights[i].contiguous();
+  at::parallel_for(0, 4 * L, 1, [&](int64_t i0, int64_t i1) {  // the weights transposed, gate by gate
+    for (int64_t i = i0; i < i1; ++i) {
+      const Layer& layer = layers[i / 4];
+      const int64_t g = i % 4, F = layer.F, P = layer.P;
+      const float *w_i = w[i / 4 * 3].data_ptr<float>(), *w_h = w[i / 4 * 3 + 1].data_ptr<float>();
+      float* wt = layer.w_t.data_ptr<float>();
+      transpose_sum(w_i + g * H * F, F, 1, 0, wt + g * P, 4 * P, F, H);
+      transpose_sum(w_h + g * H * H, H, 1, 0, wt + F * 4 * P + g * P, 4 * P, H, H);
+      std::memcpy(wt + (F + P) * 4 * P + g * P, w[i / 4 * 3 + 2].data_ptr<float>() + g * H, H * sizeof(float));
+    }
+  });
+  auto c_n = torch::empty({L, B, H}, opts), h_n = torch::empty({L, B, H}, opts);
   const bool inference = c10::InferenceMode::is_enabled();
-  const auto step = d_hs.defined() ? cell_backward<true> : cell_backward<false>;
   at::parallel_for(0, blocks.parts, 1, [&](int64_t part0, int64_t part1) {
     WorkerMode mode(inference);
-    for (int64_t part = part0; part < part1; ++part) {
-      const int64_t b0 = blocks.begin(part), n = blocks.size(part);
-      // steps whose gate gradients (~0.5-1 MB) stay in cache until their weight-gradient GEMM
-      const int64_t chunk = std::clamp<int64_t>(512 / n, 1, T);
-      auto d_gates = torch::empty({chunk * n, 4 * P}, opts);
-      auto back = torch::empty({n, N}, opts);  // a step's [dh_{t-1} | dx_t]
-      auto dc = torch::zeros({n, P}, opts);
-      float* bk = back.data_ptr<float>();
-      back.narrow(1, 0, P).zero_();
-      if (d_h_last.has_value())
-        for (int64_t r = 0; r < n; ++r) std::memcpy(bk + r * N, (*d_h_last)[b0 + r].data_ptr<float>(), H * sizeof(float));
-      if (d_c_last.has_value())
-        for (int64_t r = 0; r < n; ++r)
-          std::memcpy(dc.data_ptr<float>() + r * P, (*d_c_last)[b0 + r].data_ptr<float>(), H * sizeof(float));
-      const float* dh0 = d_hs.defined() ? d_hs[b0].data_ptr<float>() : nullptr;
-      float* dw = d_w[part].data_ptr<float>();
-      for (int64_t hi = T; hi > 0; hi -= chunk) {
-        const int64_t lo = std::max<int64_t>(0, hi - chunk);
-        for (int64_t t = hi - 1; t >= lo; --t) {
-          const int64_t row = blocks.step_row(part, t);
-          float* dg = d_gates.data_ptr<float>() + (t - lo) * n * 4 * P;
-          if constexpr (!kGemmsOnly)
-            step(gates.data_ptr<float>() + row * 4 * P, dg, 4 * P, tcs.data_ptr<float>() + row * P,
-                 t > 0 ? cs.data_ptr<float>() + blocks.step_row(part, t - 1) * P : nullptr, P,
-                 dh0 ? dh0 + t * H : nullptr, T * H, H, bk, N, dc.data_ptr<float>(), n, P);
-          if (t == 0 && !need_dx) continue;
-          gemm(false, false, n, N, 4 * P, dg, 4 * P, w.data_ptr<float>(), N, bk, N);
-          if (need_dx)  // this step's d_x rows, through the forward pass's dropout of x
-            for (int64_t r = 0; r < n; ++r) {
-              float* dx = d_x.data_ptr<float>() + ((b0 + r) * T + t) * F;
-              if (drop.on()) drop.apply(dx, bk + r * N + P, F, ((b0 + r) * T + t) * F);
-              else std::memcpy(dx, bk + r * N + P, F * sizeof(float));
-            }
-        }
-        // these steps' gradients of both matrices and the bias, [x, h_prev, 1]^T dG (K, 4P), added up
-        gemm(true, false, K, 4 * P, (hi - lo) * n, xh.data_ptr<float>() + blocks.step_row(part, lo) * K, K,
-             d_gates.data_ptr<float>(), 4 * P, dw, 4 * P, hi < T);
+    for (int64_t part = part0; part < part1; ++part)
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t b0 = blocks.begin(part);
+        const DropMask drop(l ? dropout : 0.0, l && dropout > 0 ? seeds.at(l - 1) : 0);
+        const float* x0 = l ? layers[l - 1].hs.data_ptr<float>() + b0 * T * layers[l - 1].P : x.data_ptr<float>() + b0 * x.stride(0);
+        const int64_t sx0 = l ? T * layers[l - 1].P : x.stride(0), sx1 = l ? layers[l - 1].P : x.stride(1);
+        forward_block<kGemmsOnly>(layers[l], x0, sx0, sx1, drop, blocks, part, keep, c_n[l].data_ptr<float>(),
+                                  h_n[l].data_ptr<float>());
       }
+  });
+  const Layer& last = layers.back();
+  std::vector<torch::Tensor> out{last.P > H ? last.hs.narrow(2, 0, H) : last.hs, c_n, h_n};
+  if (!keep) return out;
+  out.push_back(torch::tensor({B, blocks.rows}, torch::kLong));
+  for (const Layer& layer : layers) out.insert(out.end(), {layer.cs, layer.tcs, layer.gates, layer.xh});
+  return out;
+}
+
+// One layer back for one block of rows. dho: the gradient reaching the layer's hs from outside (row r at
+// + r * T * H) or null; dh_last, dc_last: the block's gradients of the last states, or null. Writes the
+// block's d_x rows (when dx0, row r step t at dx0 + (r * T + t) * F, through the forward pass's `drop`
+// of x) and the block's share of [x, h_prev, 1]^T dG (K, 4P) into dw. w: [W_hh | W_ih] (4P, N) with the
+// padding units' zero rows and columns, N = P, or P + F when dx0 is given.
+template <bool kGemmsOnly>
+void backward_block(const Layer& layer, const float* w, int64_t N, const float* dho, const float* dh_last,
+                    const float* dc_last, float* dx0, const DropMask& drop, const Blocks& blocks, int64_t part,
+                    float* dw) {
+  const int64_t F = layer.F, H = layer.H, P = layer.P, K = layer.K, T = blocks.T;
+  const int64_t b0 = blocks.begin(part), n = blocks.size(part);
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat);
+  // steps whose gate gradients (~0.5-1 MB) stay in cache until their weight-gradient GEMM
+  const int64_t chunk = std::clamp<int64_t>(512 / n, 1, T);
+  auto d_gates = torch::empty({chunk * n, 4 * P}, opts);
+  auto back = torch::zeros({n, N}, opts);  // a step's [dh_{t-1} | dx_t]
+  auto dc = torch::zeros({n, P}, opts);
+  float* bk = back.data_ptr<float>();
+  for (int64_t r = 0; r < n; ++r) {
+    if (dh_last) std::memcpy(bk + r * N, dh_last + r * H, H * sizeof(float));
+    if (dc_last) std::memcpy(dc.data_ptr<float>() + r * P, dc_last + r * H, H * sizeof(float));
+  }
+  const auto step = dho ? cell_backward<true> : cell_backward<false>;
+  const float *gates = layer.gates.data_ptr<float>(), *tcs = layer.tcs.data_ptr<float>(), *cs = layer.cs.data_ptr<float>();
+  for (int64_t hi = T; hi > 0; hi -= chunk) {
+    const int64_t lo = std::max<int64_t>(0, hi - chunk);
+    for (int64_t t = hi - 1; t >= lo; --t) {
+      const int64_t row = blocks.step_row(part, t);
+      float* dg = d_gates.data_ptr<float>() + (t - lo) * n * 4 * P;
+      if constexpr (!kGemmsOnly)
+        step(gates + row * 4 * P, dg, 4 * P, tcs + row * P, t > 0 ? cs + blocks.step_row(part, t - 1) * P : nullptr, P,
+             dho ? dho + t * H : nullptr, T * H, H, bk, N, dc.data_ptr<float>(), n, P);
+      if (t == 0 && !dx0) continue;
+      gemm(false, false, n, N, 4 * P, dg, 4 * P, w, N, bk, N);
+      if (dx0)  // this step's d_x rows, through the forward pass's dropout of x
+        for (int64_t r = 0; r < n; ++r) {
+          float* dx = dx0 + (r * T + t) * F;
+          if (drop.on()) drop.apply(dx, bk + r * N + P, F, ((b0 + r) * T + t) * F);
+          else std::memcpy(dx, bk + r * N + P, F * sizeof(float));
+        }
     }
+    // these steps' gradients of both matrices and the bias, [x, h_prev, 1]^T dG (K, 4P), added up
+    gemm(true, false, K, 4 * P, (hi - lo) * n, layer.xh.data_ptr<float>() + blocks.step_row(part, lo) * K, K,
+         d_gates.data_ptr<float>(), 4 * P, dw, 4 * P, hi < T);
+  }
+}
+
+// d_hs (B, T, H) or None: the loss's gradient with respect to the last layer's hs; d_c_n, d_h_n
+// (L, B, H) or None: with respect to the last cell and hidden states; layout and kept (cs, tcs, gates, xh
+// of each layer): lstm_forward's; weights, dropout and seeds: lstm_forward's. Returns d_x (B, T, F)
+// (undefined unless need_dx), then d_w_ih, d_w_hh and d_bias of each layer. Each thread takes its block
+// back through every step of every layer (the gradient of a layer's input, for its own rows, is what the
+// layer below needs), and every few steps computes those steps' share of the weight and bias gradients
+// with one GEMM, xh^T dG, while their gate gradients are still in cache; the threads' shares are summed
+// at the end.
+template <bool kGemmsOnly = false>
+std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> d_hs_or_none,
+                                         std::optional<torch::Tensor> d_c_n, std::optional<torch::Tensor> d_h_n,
+                                         torch::Tensor layout, std::vector<torch::Tensor> kept,
+                                         std::vector<torch::Tensor> weights, bool need_dx, double dropout = 0.0,
+                                         std::vector<int64_t> seeds = {}) {
+  const int64_t L = weights.size() / 3, B = layout[0].item<int64_t>(), H = weights[1].size(1);
+  TORCH_CHECK(static_cast<int64_t>(kept.size()) == 4 * L && weights.size() == 3 * static_cast<size_t>(L));
+  const int64_t T = kept[3].size(0) / B;
+  const Blocks blocks(B, T, layout[1].item<int64_t>());
+  const auto d_hs = d_hs_or_none.has_value() ? d_hs_or_none->contiguous() : torch::Tensor();
+  const auto dcn = d_c_n.has_value() ? d_c_n->contiguous() : torch::Tensor();
+  const auto dhn = d_h_n.has_value() ? d_h_n->contiguous() : torch::Tensor();
+  const auto opts = kept[0].options();
+  std::vector<Layer> layers(L);
+  std::vector<torch::Tensor> w_back(L), d_w(L), d_in(L);  // [W_hh | W_ih] of each layer; its weight-gradient shares; d hs
+  for (int64_t l = 0; l < L; ++l) {
+    Layer& layer = layers[l];
+    layer.cs = kept[4 * l], layer.tcs = kept[4 * l + 1], layer.gates = kept[4 * l + 2], layer.xh = kept[4 * l + 3];
+    layer.H = H, layer.P = layer.gates.size(1) / 4, layer.K = layer.xh.size(1), layer.F = layer.K - layer.P - 1;
+    TORCH_CHECK(layer.P == padded(H) && weights[3 * l].size(1) == layer.F && layer.xh.size(0) == B * T);
+    const int64_t P = layer.P, F = layer.F, N = P + (l > 0 || need_dx ? F : 0);
+    const auto w_h = weights[3 * l + 1].contiguous(), w_i = weights[3 * l].contiguous();
+    auto wb = torch::zeros({4 * P, N}, opts);
+    for (int64_t r = 0; r < 4 * P; ++r) {
+      if (r % P >= H) continue;
+      float* row = wb.data_ptr<float>() + r * N;
+      std::memcpy(row, w_h.data_ptr<float>() + (r / P * H + r % P) * H, H * sizeof(float));
+      if (N > P) std::memcpy(row + P, w_i.data_ptr<float>() + (r / P * H + r % P) * F, F * sizeof(float));
+    }
+    w_back[l] = wb;
+    d_w[l] = torch::empty({blocks.parts, layer.K, 4 * P}, opts);
+    if (l > 0) d_in[l - 1] = pooled_empty({B, T, H});
+  }
+  auto d_x = need_dx ? pooled_empty({B, T, layers[0].F}) : torch::Tensor();
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(0, blocks.parts, 1, [&](int64_t part0, int64_t part1) {
+    WorkerMode mode(inference);
+    for (int64_t part = part0; part < part1; ++part)
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const Layer& layer = layers[l];
+        const int64_t b0 = blocks.begin(part);
+        const torch::Tensor& outside = l == L - 1 ? d_hs : d_in[l];
+        const torch::Tensor& dx = l > 0 ? d_in[l - 1] : d_x;
+        const DropMask drop(l ? dropout : 0.0, l && dropout > 0 ? seeds.at(l - 1) : 0);
+        backward_block<kGemmsOnly>(layer, w_back[l].data_ptr<float>(), w_back[l].size(1),
+                                   outside.defined() ? outside.data_ptr<float>() + b0 * T * H : nullptr,
+                                   dhn.defined() ? dhn[l].data_ptr<float>() + b0 * H : nullptr,
+                                   dcn.defined() ? dcn[l].data_ptr<float>() + b0 * H : nullptr,
+                                   dx.defined() ? dx.data_ptr<float>() + b0 * T * layer.F : nullptr, drop, blocks, part,
+                                   d_w[l][part].data_ptr<float>());
+      }
   });
   // the threads' shares summed and transposed, gate by gate: rows k < F of [x, h_prev, 1]^T dG are
   // d_w_ih's columns, the next H d_w_hh's, and row F + P the bias gradient
-  auto d_w_ih = torch::empty({4 * H, F}, opts), d_w_hh = torch::empty({4 * H, H}, opts), d_bias = torch::empty({4 * H}, opts);
-  const float* dw0 = d_w.data_ptr<float>();
+  std::vector<torch::Tensor> out{d_x};
+  for (const Layer& layer : layers)
+    out.insert(out.end(), {torch::empty({4 * H, layer.F}, opts), torch::empty({4 * H, H}, opts), torch::empty({4 * H}, opts)});
   const int64_t parts = blocks.parts;
-  at::parallel_for(0, 4, 1, [&](int64_t g0, int64_t g1) {  // the gates split between the threads
-    for (int64_t g = g0; g < g1; ++g) {
-      transpose_sum(dw0 + g * P, 4 * P, parts, K * 4 * P, d_w_ih.data_ptr<float>() + g * H * F, F, H, F);
-      transpose_sum(dw0 + F * 4 * P + g * P, 4 * P, parts, K * 4 * P, d_w_hh.data_ptr<float>() + g * H * H, H, H, H);
-      transpose_sum(dw0 + (F + P) * 4 * P + g * P, 1, parts, K * 4 * P, d_bias.data_ptr<float>() + g * H, 1, H, 1);
+  at::parallel_for(0, 4 * L, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Layer& layer = layers[i / 4];
+      const int64_t l = i / 4, g = i % 4, F = layer.F, P = layer.P, K = layer.K;
+      const float* dw0 = d_w[l].data_ptr<float>();
+      transpose_sum(dw0 + g * P, 4 * P, parts, K * 4 * P, out[1 + 3 * l].data_ptr<float>() + g * H * F, F, H, F);
+      transpose_sum(dw0 + F * 4 * P + g * P, 4 * P, parts, K * 4 * P, out[2 + 3 * l].data_ptr<float>() + g * H * H, H, H, H);
+      transpose_sum(dw0 + (F + P) * 4 * P + g * P, 1, parts, K * 4 * P, out[3 + 3 * l].data_ptr<float>() + g * H, 1, H, 1);
     }
   });
-  return {d_x, d_w_ih, d_w_hh, d_bias};
+  return out;
 }
 
 // Flush denormal floats to zero (FTZ and DAZ) on every thread of torch's pool, as TensorFlow does by
@@ -557,11 +635,12 @@ bool flush_denormals() {
 // built on these GEMMs trains faster than B samples in this time.
 double gemm_seconds(int64_t B, int64_t T, int64_t F, int64_t H, bool need_dx, int64_t repeats) {
   flush_denormals();
-  const auto x = torch::zeros({B, T, F}), w_ih = torch::zeros({4 * H, F}), w_hh = torch::zeros({4 * H, H});
-  const auto bias = torch::zeros({4 * H}), dh_last = torch::zeros({B, H});
+  const auto x = torch::zeros({B, T, F});
+  const std::vector<torch::Tensor> weights{torch::zeros({4 * H, F}), torch::zeros({4 * H, H}), torch::zeros({4 * H})};
+  const auto dh_n = torch::zeros({1, B, H});
   auto pass = [&] {
-    const auto out = lstm_forward<true>(x, w_ih, w_hh, bias, true);
-    lstm_backward<true>(std::nullopt, std::nullopt, dh_last, out[2], out[3], out[4], out[5], out[6], w_ih, w_hh, need_dx);
+    const auto out = lstm_forward<true>(x, weights, true);
+    lstm_backward<true>(std::nullopt, std::nullopt, dh_n, out[3], {out.begin() + 4, out.end()}, weights, need_dx);
   };
   pass();  // warm-up
   const auto started = std::chrono::steady_clock::now();
@@ -652,11 +731,11 @@ torch::Tensor batch_images(torch::Tensor images, torch::Tensor idx, std::optiona
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &lstm_forward<>, "LSTM layer forward, CPU fp32", py::arg("x"), py::arg("w_ih"), py::arg("w_hh"),
-        py::arg("bias"), py::arg("keep"), py::arg("dropout") = 0.0, py::arg("seed") = 0);
-  m.def("backward", &lstm_backward<>, "LSTM layer backward, CPU fp32", py::arg("d_hs"), py::arg("d_c_last"),
-        py::arg("d_h_last"), py::arg("cs"), py::arg("tcs"), py::arg("gates"), py::arg("xh"), py::arg("layout"),
-        py::arg("w_ih"), py::arg("w_hh"), py::arg("need_dx"), py::arg("dropout") = 0.0, py::arg("seed") = 0);
+  m.def("forward", &lstm_forward<>, "LSTM stack forward, CPU fp32", py::arg("x"), py::arg("weights"), py::arg("keep"),
+        py::arg("dropout") = 0.0, py::arg("seeds") = std::vector<int64_t>{});
+  m.def("backward", &lstm_backward<>, "LSTM stack backward, CPU fp32", py::arg("d_hs"), py::arg("d_c_n"),
+        py::arg("d_h_n"), py::arg("layout"), py::arg("kept"), py::arg("weights"), py::arg("need_dx"),
+        py::arg("dropout") = 0.0, py::arg("seeds") = std::vector<int64_t>{});
   m.def("gemm_seconds", &gemm_seconds, "seconds per forward + backward of one layer in its GEMMs alone");
   m.def("batch_images", &batch_images, "uint8 images[idx] -> normalised floats, augmented when u is given");
   m.def("dropout_mask", &dropout_mask, "dropout mask, CPU fp32");
