@@ -4,13 +4,14 @@
 //
 // torch's CPU LSTM (oneDNN) spreads each time step's small GEMM over all threads, which synchronises the
 // threads T times per layer. Here the batch is split across threads once: each thread takes its own rows
-// through everything (every step with one small GEMM, [x_t, h_{t-1}, 1] [W_ih; W_hh; bias]^T, and one
-// fused gate loop; the weight and bias gradients in one GEMM) without waiting for the others.
+// through every layer of a stack (every step with one small GEMM, [x_t, h_{t-1}, 1] [W_ih; W_hh; bias]^T,
+// and one fused gate loop; the weight and bias gradients in a GEMM every few steps) without waiting for
+// the others.
 //
-// Layouts are batch-major, as batch_first: x (B, T, F), gates (B, T, 4P) in torch's i, f, g, o order,
-// hs, cs (B, T, P), tcs = tanh(cs) and xh (B, T, F + P + 1), the steps' GEMM inputs [x_t, h_{t-1}, 1],
-// kept for the backward pass, where P is the hidden size H padded for the GEMMs (padded). The initial
-// state is zero.
+// The inputs and outputs are batch-major, as batch_first: x (B, T, F), hs (B, T, H). The buffers kept for
+// the backward pass are in per-thread blocks, step by step (Blocks): gates (4P wide, torch's i, f, g, o
+// order), cs, tcs = tanh(cs) (P wide) and xh (F + P + 1), the steps' GEMM inputs [x_t, h_{t-1}, 1], where P
+// is the hidden size H padded for the GEMMs (padded). The initial state is zero.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
