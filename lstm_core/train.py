@@ -169,8 +169,11 @@ def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter],
 def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = config.epochs * steps_per_epoch
     if config.scheduler == "onecycle":
+        if total < 4:      # OneCycleLR divides by zero without two steps in each phase: a constant lr
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        # a quarter of the steps warm up (at least two, for short runs)
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total,
-                                                   pct_start=0.25)
+                                                   pct_start=max(0.25, 2 / total))
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if config.scheduler == "plateau":

@@ -78,7 +78,7 @@ BAD_FLAGS = [
     (["train", "--batch-size", "0"], "batch_size must be between 1 and 8192, got 0"),
     (["train", "--device", "cuda:7"], "device 'cuda:7' was asked for"),
     (["train", "--device", "tpu"], "device must be auto, cpu, cuda, cuda:N or mps; got 'tpu'"),
-    (["train", "--limit-train", "10"], "limit_train (10) must be at least batch_size (128)"),
+    (["train", "--limit-train", "10"], "limit_train (10) must be at least batch_size (256)"),
     (["train", "--unknown-flag"], "unrecognized arguments: --unknown-flag"),
     (["train", "--run-dir", "somewhere", "--epochs", "3"],
      "--run-dir trains the config stored in the run; drop --epochs"),

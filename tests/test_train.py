@@ -156,6 +156,15 @@ def test_every_scheduler_sets_the_learning_rate(mnist, scheduler):
         assert lrs[0] == pytest.approx(5e-3)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8])
+def test_onecycle_trains_runs_of_a_few_steps(mnist, steps):
+    """OneCycleLR divides by zero with fewer than two steps per phase (a tuning trial on 1,000 images in
+    batches of 256 has four): short runs warm up over at least two steps, or keep a constant lr."""
+    history = fit(tiny_config(scheduler="onecycle", epochs=1, batch_size=100, limit_train=100 * steps,
+                              log_every=1), data=mnist)
+    assert len(history.epochs) == 1 and math.isfinite(history.epochs[0]["train_loss"])
+
+
 def test_bf16_autocast_on_cpu_trains(mnist):
     history = fit(tiny_config(amp="bf16"), data=mnist)
     assert history.test["accuracy"] > 0.3
