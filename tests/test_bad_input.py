@@ -369,8 +369,11 @@ def test_the_tuning_page_refuses_a_study_name_that_leaves_the_saves_root(saves, 
 
 
 def test_the_tuning_page_explains_a_range_that_makes_an_invalid_config(saves):
-    at = no_traceback(open_page("tuning.py").number_input(key="tune_limit_train").set_value(200).run())
-    assert "with batch_size = " in errors(at) and "limit_train (200) must be at least batch_size" in errors(at)
+    at = no_traceback(open_page("tuning.py").number_input(key="tune_limit_train").set_value(300).run())
+    assert not at.error                               # the preset's batches of 256 fit in 300 images
+    at.slider(key="tune_space_batch_size").set_value((64, 512))
+    no_traceback(at.run())
+    assert "with batch_size = 512" in errors(at) and "limit_train (300) must be at least batch_size" in errors(at)
     assert button(at, "Launch study").disabled
     no_traceback(at.number_input(key="tune_limit_train").set_value(10000).run())
     assert not at.error and not button(at, "Launch study").disabled
