@@ -5,9 +5,9 @@
 torch's CPU LSTM spreads every time step's small GEMM over all threads; the kernel instead gives each
 thread its share of the batch, for all time steps of every layer and for the weight gradients, so the
 threads meet once per pass through a stack of layers. On a 2-core AVX-512 CPU this trains 1.6x (bilstm)
-to 3x (pixel) faster than torch's (`make bench`, README). Everything else, CUDA (cuDNN), MPS, autocast (bf16/fp16) and any
-machine where the kernel cannot be built (no C++ compiler), goes to nn.LSTM unchanged;
-LSTM_STUDIO_FUSED=0 forces that path.
+to 3x (pixel) faster than torch's (`make bench`, README). Everything else, CUDA (cuDNN), MPS, autocast
+(bf16/fp16) and any machine where the kernel cannot be built (no C++ compiler), goes to nn.LSTM
+unchanged; LSTM_STUDIO_FUSED=0 forces that path.
 
 The kernel is compiled once per machine and torch version (about 30 s, by `make` at setup or on first
 use) into torch's extension cache, ~/.cache/torch_extensions.
@@ -122,7 +122,7 @@ def dropout_seed() -> int:
 
 def dropout_mask(shape: torch.Size, p: float, seed: int | None = None) -> torch.Tensor:
     """A dropout mask (0 or 1/(1-p)) from the kernel's hash generator, far cheaper on a CPU than
-    bernoulli_; _Layer drops its input with the same mask for the same shape and seed."""
+    bernoulli_; _Stack drops a layer's input with the same mask for the same shape and seed."""
     return kernel().dropout_mask(shape.numel(), p, dropout_seed() if seed is None else seed).view(shape)
 
 
@@ -149,9 +149,11 @@ def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.
     keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in lstm.parameters()))
 
     def stack(seq, layers, suffix, dropout):
-        weights = [w for layer in layers for w in (getattr(lstm, f"weight_ih_l{layer}{suffix}"),
-                                                   getattr(lstm, f"weight_hh_l{layer}{suffix}"),
-                                                   getattr(lstm, f"bias_ih_l{layer}{suffix}") + getattr(lstm, f"bias_hh_l{layer}{suffix}"))]
+        weights = []
+        for layer in layers:
+            w_ih, w_hh, b_ih, b_hh = (getattr(lstm, f"{name}_l{layer}{suffix}")
+                                      for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            weights += [w_ih, w_hh, b_ih + b_hh]
         seeds = [dropout_seed() for _ in layers[1:]] if dropout else []
         if keep:
             return _Stack.apply(seq, dropout, seeds, *weights)

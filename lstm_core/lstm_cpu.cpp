@@ -287,13 +287,6 @@ class DropMask {
     for (int64_t i = 0; i < count; ++i)
       dst[i] = hash(static_cast<uint32_t>(i) * kGolden + key) >= threshold ? src[i] * keep : 0.f;
   }
-  // x[i] *= the mask at index0 + i
-  void scale(float* __restrict x, int64_t count, int64_t index0) const {
-    const uint32_t key = key_ + static_cast<uint32_t>(index0) * kGolden, threshold = threshold_;
-    const float keep = keep_;
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) x[i] = hash(static_cast<uint32_t>(i) * kGolden + key) >= threshold ? x[i] * keep : 0.f;
-  }
 
  private:
   static constexpr uint32_t kGolden = 0x9e3779b9u;

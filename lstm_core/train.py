@@ -115,8 +115,7 @@ class _DirectFusedStep:
         grads = [p.grad for p in params]
         scale = None
         if self.max_grad_norm:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            scale = ((norm + 1e-6) / self.max_grad_norm).clamp_(min=1.0)
+            scale = ((grad_norm(grads) + 1e-6) / self.max_grad_norm).clamp_(min=1.0)
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:                                      # torch's lazy initialisation (Adam._init_group)
@@ -154,10 +153,10 @@ def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter],
     # one fused kernel for all parameters instead of a dozen ops each (CPU and CUDA have them)
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if config.optimizer in ("adam", "adamw"):
-        cpu = device.type == "cpu"
-        kind = {"adam": (FusedAdam, torch.optim.Adam), "adamw": (FusedAdamW, torch.optim.AdamW)}[config.optimizer][0 if cpu else 1]
+        on_cpu, adamw = device.type == "cpu", config.optimizer == "adamw"
+        kind = (FusedAdamW if adamw else FusedAdam) if on_cpu else (torch.optim.AdamW if adamw else torch.optim.Adam)
         optimizer = kind(params, config.lr, weight_decay=config.weight_decay, **fused)
-        if cpu:
+        if on_cpu:
             optimizer.max_grad_norm = config.grad_clip
         return optimizer
     if config.optimizer == "sgd":
@@ -187,9 +186,14 @@ def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> tor
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    total = grad_norm(grads)
     torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
     return total
+
+
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all the gradients together, in three ops."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
