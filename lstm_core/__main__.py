@@ -85,7 +85,8 @@ def build_parser() -> Parser:
     tune.add_argument("--study", required=True, help="study name (letters, digits, '.', '_', '-')")
     tune.add_argument("--trials", type=int, default=20, help="run until the study has this many finished trials")
     tune.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop starting trials after this")
-    tune.add_argument("--workers", type=int, default=1, help="worker processes on the same storage")
+    tune.add_argument("--workers", type=int, default=None, help="worker processes on the same storage (default: "
+                      "one per GPU when the device is auto and there are several, else 1)")
     tune.add_argument("--storage", help="Optuna storage URL (default: sqlite:///SAVES/optuna.db)")
     tune.add_argument("--sampler", default="tpe", choices=["tpe", "random", "cmaes", "gp"])
     tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
@@ -107,7 +108,7 @@ def build_parser() -> Parser:
 # -- train -------------------------------------------------------------------------------------
 def command_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
-    from .jobs import StopRequest, device_key, device_lock
+    from .jobs import StopRequest, describe_holder, device_lock, training_devices
     from .runs import RunRecorder, create_run, process_start_time, resume_checkpoint
     from .train import fit
 
@@ -124,10 +125,7 @@ def command_train(args: argparse.Namespace) -> int:
             (run.path / "STOP").unlink(missing_ok=True)
     else:
         config = config_from_args(args)
-    try:
-        device = device_key(config.device)
-    except RuntimeError as exc:
-        raise UsageError(str(exc)) from None
+    devices = training_devices(config)
     mnist = load_mnist(args.data_dir)
     if not (args.run_dir or args.resume):
         run = create_run(config, args.saves)
@@ -137,16 +135,18 @@ def command_train(args: argparse.Namespace) -> int:
 
     def waiting(holder: str | None) -> None:
         run.write_status(waiting_for=holder or "another process")
-        print(f"{device} is busy with {'run ' + holder if holder else 'another process'}: queued until it ends",
+        print(f"{' and '.join(devices)} {'is' if len(devices) == 1 else 'are'} busy with "
+              f"{describe_holder(holder) if holder else 'another process'}: queued until one is free",
               file=sys.stderr, flush=True)
 
-    with device_lock(device, run.id, args.saves, stop=stop, on_wait=waiting) as acquired:
-        if not acquired:
+    with device_lock(devices, run.id, args.saves, stop=stop, on_wait=waiting) as device:
+        if device is None:
             run.write_status(state="cancelled", ended_at=time.time(), waiting_for=None)
             print(f"cancelled while queued -> {run.path}", flush=True)
             return 0
         run.write_status(waiting_for=None)
-        history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist, resume=resume)
+        history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist, resume=resume,
+                      device=device)
     summary = history.summary()
     test_acc = summary["test_accuracy"]
     print(f"{history.stopped}: {len(history.epochs)} epoch(s) in {history.train_seconds:.1f} s, "
@@ -271,12 +271,17 @@ def command_tune(args: argparse.Namespace) -> int:
     import subprocess
 
     from .runs import atomic_write_json, process_start_time, safe_name, saves_root
-    from .tune import default_storage, finished_trials, load_space, make_storage, run_worker, state_counts, study_dir
+    from .jobs import training_devices
+    from .tune import (StudyFailing, default_storage, finished_trials, load_space, make_storage, run_worker,
+                       state_counts, study_dir)
 
     safe_name(args.study, "study name")
-    if args.trials < 1 or args.workers < 1 or (args.timeout is not None and args.timeout <= 0):
+    if args.trials < 1 or (args.workers is not None and args.workers < 1) or (args.timeout is not None and args.timeout <= 0):
         raise UsageError("--trials and --workers must be at least 1, and --timeout positive")
     base = config_from_args(args)
+    devices = training_devices(base)           # an absent device is refused before any trial or folder exists
+    if args.workers is None:                   # one worker per GPU that `auto` may take, else one
+        args.workers = len(devices) if base.device == "auto" and devices[0] != "cpu" else 1
     space = load_space(args.space)
     storage = args.storage or default_storage(args.saves)
     saves_root(args.saves).mkdir(parents=True, exist_ok=True)   # the default SQLite file lives there
@@ -299,12 +304,20 @@ def command_tune(args: argparse.Namespace) -> int:
             [{"pid": os.getpid(), "pid_start": process_start_time(os.getpid())}], "storage": storage})
         print(f"study {args.study} in {storage}: {args.workers} worker(s), until {args.trials} finished trials",
               flush=True)
-    study = run_worker(args.study, args.trials, base, storage, space, args.timeout, args.sampler, args.pruner,
-                       args.saves, stop, args.sampler_seed)
-    for child in children:
-        child.wait()
+    try:
+        study, failing = run_worker(args.study, args.trials, base, storage, space, args.timeout, args.sampler,
+                                    args.pruner, args.saves, stop, args.sampler_seed), None
+    except StudyFailing as exc:
+        study, failing = None, exc
+    failed_children = sum(child.wait() != 0 for child in children)
+    if failing:
+        print(f"error: study {args.study}: {failing}", file=sys.stderr, flush=True)
+        return 1
     if args.worker:
         return 0
+    if failed_children:
+        print(f"error: study {args.study}: {failed_children} of its worker processes failed (see above)",
+              file=sys.stderr, flush=True)
     counts = state_counts(study)
     best = study.best_trial if counts["COMPLETE"] else None
     print(f"study {args.study}: {finished_trials(study)} finished ({counts['COMPLETE']} complete, "
@@ -315,7 +328,7 @@ def command_tune(args: argparse.Namespace) -> int:
                           "best_value": best.value if best else None, "best_trial": best.number if best else None,
                           "best_params": best.params if best else None,
                           "best_run_dir": best.user_attrs.get("run_dir") if best else None}))
-    return 0
+    return 1 if failed_children else 0
 
 
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "runs": command_runs, "tune": command_tune}

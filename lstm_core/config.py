@@ -51,7 +51,7 @@ class TrainConfig:
     aug_scale: float = 0.08         # max relative zoom in or out
     aug_shear: float = 0.0          # max shear in degrees
     # runtime
-    amp: str = "auto"               # auto: bf16/fp16 autocast on CUDA, fp32 elsewhere; bf16: autocast everywhere
+    amp: str = "auto"               # auto: each GPU's fast precision, fp32 on a CPU; bf16: autocast (devices.amp_policy)
     seed: int = 0                   # seeds weights, shuffling and augmentation
     val_size: int = 5000            # held out of the 60k training set, fixed split, for early stopping
     limit_train: int = 0            # use only the first N training samples; 0 = all

@@ -263,7 +263,10 @@ def augment_spans(config: TrainConfig) -> list[float]:
 def warp(images01: torch.Tensor, u: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """Each image through its own affine map, u (B, 5) of random_maps, by bilinear sampling."""
     b = images01.shape[0]
-    angle, shear, zoom, tx, ty = (u * torch.tensor(augment_spans(config))).to(images01.device).unbind(1)
+    scaled = u * torch.tensor(augment_spans(config))
+    if images01.device.type == "cuda":       # pinned and asynchronous: a plain .to() would block every batch
+        scaled = scaled.pin_memory().to(images01.device, non_blocking=True)
+    angle, shear, zoom, tx, ty = scaled.to(images01.device).unbind(1)
     cos, sin, tan, scale = torch.cos(angle), torch.sin(angle), torch.tan(shear), 1 + zoom
     # inverse map (output pixel -> input pixel): rotate, shear along x, then scale
     theta = torch.stack([cos / scale, (tan * cos - sin) / scale, tx,

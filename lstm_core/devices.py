@@ -1,4 +1,9 @@
-"""Which devices torch can train on here, and turning a config's `device` into a torch.device."""
+"""Which devices torch can train on here, what they are good at, and turning a config's `device` into a
+torch.device.
+
+    resolve_device("auto")                                  # cuda:N, mps or cpu
+    amp_policy("auto", "cuda", (9, 0), "lstm")              # AmpPolicy(dtype=float16, grad_scaler=True, ...)
+"""
 from __future__ import annotations
 
 import functools
@@ -6,26 +11,107 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str        # what TrainConfig.device accepts: "cpu", "cuda:0", "mps"
-    label: str       # what a person reads: "NVIDIA A100 (40.0 GiB)"
-    bf16: bool       # whether bf16 autocast is fast here
+    label: str       # what a person reads: "NVIDIA A100 (40.0 GiB, compute capability 8.0)"
+    bf16: bool       # whether bf16 autocast runs natively (fast) here, not emulated
+    amp: str         # what amp=auto does here, in a few words
 
 
+# -- mixed precision ---------------------------------------------------------------------------
+# cuDNN's LSTM runs in fp16 under CUDA autocast whatever dtype autocast was asked for: torch's autocast
+# wrapper for _cudnn_rnn casts its inputs and weights to half (aten/src/ATen/cudnn/AutocastRNN.cpp), and
+# cuDNN has no bf16 RNN in torch. tests/test_cuda.py checks this on every GPU it runs on.
+CUDNN_LSTM_AUTOCAST_DTYPE = torch.float16
+TENSOR_CORES = (7, 0)   # Volta: fp16 tensor cores; before it, fp16 is slow on most cards (1/64 rate on GeForce Pascal)
+NATIVE_BF16 = (8, 0)    # Ampere: bf16 tensor cores; before it, bf16 is emulated in fp32 (torch.cuda.is_bf16_supported
+                        # says True there too, since it counts emulation)
+
+
+@dataclass(frozen=True)
+class AmpPolicy:
+    dtype: torch.dtype | None      # autocast dtype; None = fp32 (TF32 matmuls on CUDA)
+    grad_scaler: bool              # loss scaling, needed whenever any layer computes in fp16
+    lstm_dtype: torch.dtype        # what the LSTM layers really compute in
+    lstm_outside_autocast: bool    # run the LSTM in fp32 outside autocast (a bf16 run that must not become fp16)
+    note: str                      # a person's summary: "fp16 autocast with loss scaling"
+
+
+class AmpUnsupported(ConfigError):
+    """A mixed-precision mode this device cannot run well; the message says which mode to use instead."""
+
+
+def amp_policy(amp: str, device_type: str, capability: tuple[int, int] | None = None, arch: str = "lstm",
+               cpu_bf16: bool = False, gpu_name: str = "this GPU") -> AmpPolicy:
+    """The mixed-precision policy of config.amp on a device: a pure function of the device's properties.
+
+    CUDA, amp=auto: from Volta (7.0) on, LSTMs train in fp16 with loss scaling (cuDNN's LSTM only has fp16
+    as reduced precision) and the CNN in bf16 from Ampere (8.0) on, fp16 with loss scaling before it; older
+    GPUs stay in fp32. amp=bf16 needs native bf16 (8.0+): the LSTM layers then run in fp32 (TF32) outside
+    autocast rather than silently in fp16 without loss scaling. CPU: amp=auto is fp32; amp=bf16 autocasts
+    (the LSTM in bf16 only where the CPU has bf16 instructions). Never fp16 without a GradScaler."""
+    fp32 = AmpPolicy(None, False, torch.float32, False, "fp32")
+    if amp == "off":
+        return AmpPolicy(None, False, torch.float32, False, "fp32 (TF32 matmuls)" if device_type == "cuda" else "fp32")
+    if device_type != "cuda":
+        if amp == "bf16":
+            lstm = torch.bfloat16 if device_type == "cpu" and cpu_bf16 else torch.float32
+            return AmpPolicy(torch.bfloat16, False, lstm, False,
+                             "bf16 autocast" + ("" if lstm == torch.bfloat16 else ", LSTM in fp32"))
+        return fp32
+    cc = tuple(capability or (0, 0))
+    if amp == "bf16":
+        if cc < NATIVE_BF16:
+            raise AmpUnsupported(f"amp=bf16 needs native bf16 (compute capability 8.0 or newer); {gpu_name} is "
+                                 f"{cc[0]}.{cc[1]}, where bf16 is emulated and slow: use amp=auto (fp16 with loss "
+                                 "scaling) or amp=off")
+        if arch == "lstm" and CUDNN_LSTM_AUTOCAST_DTYPE == torch.float16:
+            return AmpPolicy(torch.bfloat16, False, torch.float32, True, "bf16 autocast, LSTM in fp32 (TF32)")
+        return AmpPolicy(torch.bfloat16, False, torch.bfloat16, False, "bf16 autocast")
+    if cc < TENSOR_CORES:
+        return AmpPolicy(None, False, torch.float32, False, "fp32 (no tensor cores)")
+    if arch == "cnn" and cc >= NATIVE_BF16:
+        return AmpPolicy(torch.bfloat16, False, torch.bfloat16, False, "bf16 autocast")
+    return AmpPolicy(torch.float16, True, torch.float16, False, "fp16 autocast with loss scaling")
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def policy_for(amp: str, device: torch.device, arch: str = "lstm") -> AmpPolicy:
+    """amp_policy for a real device present here."""
+    if device.type == "cuda":
+        return amp_policy(amp, "cuda", cuda_capability(device), arch, gpu_name=torch.cuda.get_device_name(device))
+    return amp_policy(amp, device.type, None, arch, cpu_bf16=cpu_has_bf16())
+
+
+# -- the devices -------------------------------------------------------------------------------
 def available_devices() -> list[DeviceInfo]:
-    """Every device present, CUDA GPUs first (with name and memory), then MPS, then the CPU."""
+    """Every device present, CUDA GPUs first (with name, memory and compute capability), then MPS, then the CPU."""
     found = []
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            found.append(DeviceInfo(f"cuda:{i}", f"{props.name} ({props.total_memory / 2**30:.1f} GiB)",
-                                    torch.cuda.is_bf16_supported()))
+            cc = (props.major, props.minor)
+            found.append(DeviceInfo(
+                f"cuda:{i}", f"{props.name} ({props.total_memory / 2**30:.1f} GiB, compute capability {cc[0]}.{cc[1]})",
+                cc >= NATIVE_BF16, amp_summary(cc)))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        found.append(DeviceInfo("mps", "Apple GPU (MPS)", False))
-    found.append(DeviceInfo("cpu", f"CPU ({torch.get_num_threads()} threads)", cpu_has_bf16()))
+        found.append(DeviceInfo("mps", "Apple GPU (MPS)", False, "fp32"))
+    found.append(DeviceInfo("cpu", f"CPU ({torch.get_num_threads()} threads)", cpu_has_bf16(), "fp32"))
     return found
+
+
+def amp_summary(capability: tuple[int, int]) -> str:
+    """What amp=auto does on a GPU of this compute capability, LSTM and CNN together, for a person."""
+    lstm = amp_policy("auto", "cuda", capability, "lstm").note
+    cnn = amp_policy("auto", "cuda", capability, "cnn").note
+    return lstm if lstm == cnn else f"LSTM: {lstm}; CNN: {cnn}"
 
 
 @functools.cache
@@ -39,8 +125,22 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cuda_devices() -> list[str]:
+    """The CUDA GPUs present, as device names: ["cuda:0", "cuda:1"]."""
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def candidate_devices(name: str) -> list[str]:
+    """The devices a config's `device` may train on here, in order of preference: 'auto' on a host with
+    GPUs is any of them (the first free one is taken), a named device only itself. Raises RuntimeError
+    for a device that is absent."""
+    if name == "auto" and torch.cuda.is_available():
+        return cuda_devices()
+    return [str(resolve_device(name))]
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' becomes cuda, then mps, then cpu; a named device that is absent is a clear error."""
+    """'auto' becomes the current CUDA GPU, then mps, then cpu; a named device that is absent is a clear error."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())

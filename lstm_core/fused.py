@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .devices import cpu_has_bf16
+from .devices import CUDNN_LSTM_AUTOCAST_DTYPE, cpu_has_bf16
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lstm_cpu.cpp")
@@ -137,12 +137,21 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
+def outside_autocast(dtype: torch.dtype) -> bool:
+    """Whether a CUDA LSTM under autocast to `dtype` runs in fp32 outside it: under bf16, cuDNN's LSTM would
+    compute in fp16 (devices.CUDNN_LSTM_AUTOCAST_DTYPE) with no loss scaling, so it keeps fp32 (TF32) instead."""
+    return dtype == torch.bfloat16 and CUDNN_LSTM_AUTOCAST_DTYPE != torch.bfloat16
+
+
 def run_lstm(lstm: nn.LSTM, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """lstm(x) for a batch_first nn.LSTM: out (B, T, D*H), (h_n, c_n) (layers*D, B, H); fused where it applies."""
     if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_bf16():
         # oneDNN has no bf16 LSTM on CPUs without AVX-512 BF16 or AMX (it raises): this layer runs in fp32
         with torch.autocast("cpu", enabled=False):
             return run_lstm(lstm, x.float())
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and outside_autocast(torch.get_autocast_dtype("cuda")):
+        with torch.autocast("cuda", enabled=False):
+            return lstm(x.float())
     if not applies(lstm, x):
         return lstm(x)
     # autograd needs every step's state; inference only the outputs (and the kernel then keeps no more)

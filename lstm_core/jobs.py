@@ -4,7 +4,9 @@
     request_stop(run)                  # cooperative: the run ends as cancelled, checkpoints saved
 
 A run holds an exclusive lock on its device (a file lock in SAVES/locks, released by the kernel when the
-process ends, however it ends). A second run for the same device waits, `queued`, until the first ends.
+process ends, however it ends). A second run for the same device waits, `queued`, until the first ends;
+a run for `auto` on a host with several GPUs takes the first free one. Tuning trials take the same locks
+(device_lock says how).
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import TrainConfig
-from .devices import resolve_device
-from .runs import (LIVE_STATES, Run, RunError, create_run, process_alive, process_start_time, resume_checkpoint,
-                   saves_root)
+from .config import ConfigError, TrainConfig
+from .devices import candidate_devices, policy_for
+from .runs import (LIVE_STATES, Run, RunError, atomic_write_json, create_run, process_alive, process_start_time,
+                   read_json_object, resume_checkpoint, saves_root)
 
 try:
     import fcntl
@@ -32,65 +34,131 @@ STOP_FILE = "STOP"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def device_key(name: str) -> str:
-    """The device a config's `device` lands on, as a lock name: cpu, cuda:0, mps."""
-    return str(resolve_device(name))
+def pick_device(devices: list[str], root: str | Path | None = None) -> str:
+    """Where a run for `devices` (training_devices) would start now: the first that no live run or trial
+    holds, else the first."""
+    return next((d for d in devices if device_holder(d, root) is None), devices[0])
+
+
+def training_devices(config: TrainConfig) -> list[str]:
+    """The devices `config` may train on here (devices.candidate_devices), refused up front with a
+    ConfigError, before any run folder or trial exists, when the device is absent or cannot run the
+    config's amp mode well."""
+    import torch
+
+    try:
+        devices = candidate_devices(config.device)
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+    for device in devices:
+        policy_for(config.amp, torch.device(device), config.arch)   # raises AmpUnsupported, a ConfigError
+    return devices
 
 
 def lock_path(device: str, root: str | Path | None = None) -> Path:
     return saves_root(root) / "locks" / f"{device.replace(':', '_')}.lock"
 
 
+def describe_holder(owner: str) -> str:
+    """A lock owner for a person: "run <id>" or "trial <study>/trial_<n>"."""
+    return f"trial {owner}" if "/" in owner else f"run {owner}"
+
+
 def device_holder(device: str, root: str | Path | None = None) -> str | None:
-    """The id of the live run that holds `device`, if any (its id is written in the lock file)."""
+    """The owner written in `device`'s lock when it is a live run (its id) or tuning trial
+    ("<study>/trial_<n>"), else None."""
     try:
         owner = lock_path(device, root).read_text().strip()
     except OSError:
         return None
     if not owner:
         return None
+    base = saves_root(root) / ("studies" if "/" in owner else "runs")
     try:
-        state = Run(saves_root(root) / "runs" / owner).status().get("state")
+        state = Run(base / owner).status().get("state")
     except OSError:
         return None
     return owner if state in LIVE_STATES else None
 
 
 @contextlib.contextmanager
-def device_lock(device: str, owner: str, root: str | Path | None = None, stop: Callable[[], bool] = lambda: False,
-                on_wait: Callable[[str | None], None] = lambda holder: None, poll: float = 0.5) -> Iterator[bool]:
-    """Hold `device` for the block on behalf of run `owner`; while another process holds it, wait
-    (calling on_wait once with the holder's run id). Yields False when `stop` came before the device."""
+def device_lock(devices: str | list[str], owner: str, root: str | Path | None = None,
+                stop: Callable[[], bool] = lambda: False, on_wait: Callable[[str | None], None] = lambda holder: None,
+                poll: float = 0.5, shared: bool = False) -> Iterator[str | None]:
+    """Hold one of `devices` (the first free one, in order) for the block on behalf of `owner` (a run id,
+    or "<study>/trial_<n>"), and yield it; while every one is held elsewhere, wait (calling on_wait once with
+    a holder) and take whichever frees first. Yields None when `stop` came first.
+
+    The rule: a run holds its device alone. Tuning trials hold a GPU alone too, but share the CPU with
+    each other (`shared`: the study's workers split its cores), and a run waiting for the CPU goes before
+    trials that have not started yet."""
+    devices = [devices] if isinstance(devices, str) else list(devices)
     if fcntl is None:
-        yield True
+        yield devices[0]
         return
-    path = lock_path(device, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        waited = False
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    handles = []
+    try:
+        for device in devices:
+            path = lock_path(device, root)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handles.append(open(path, "a+"))
+        waited, held = False, None
+        while held is None:
+            for device, handle in zip(devices, handles):
+                if shared and waiting_run(device, root):
+                    continue
+                try:
+                    fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                held = (device, handle)
                 break
-            except BlockingIOError:
+            else:
+                if not shared:
+                    mark_waiting(devices, owner, root)
                 if not waited:
-                    on_wait(device_holder(device, root))
+                    on_wait(device_holder(devices[0], root))
                     waited = True
                 if stop():
-                    yield False
+                    yield None
                     return
                 time.sleep(poll)
+        if waited and not shared:
+            mark_waiting(devices, None, root)
+        device, handle = held
         handle.seek(0)
         handle.truncate()
         handle.write(owner)
         handle.flush()
         try:
-            yield True
+            yield device
         finally:
             handle.seek(0)
             handle.truncate()
             handle.flush()
             fcntl.flock(handle, fcntl.LOCK_UN)
+    finally:
+        if not shared:
+            mark_waiting(devices, None, root)
+        for handle in handles:
+            handle.close()
+
+
+def mark_waiting(devices: list[str], owner: str | None, root: str | Path | None) -> None:
+    """Say (owner) or unsay (None) that a run waits for these devices: trials about to start leave them to it."""
+    for device in devices:
+        path = lock_path(device, root).with_suffix(".waiting")
+        if owner is None:
+            if read_json_object(path).get("pid") == os.getpid():
+                path.unlink(missing_ok=True)
+        elif not path.exists():
+            atomic_write_json(path, {"owner": owner, "pid": os.getpid(), "pid_start": process_start_time(os.getpid())})
+
+
+def waiting_run(device: str, root: str | Path | None = None) -> bool:
+    """Whether a live run waits for `device` (see mark_waiting)."""
+    info = read_json_object(lock_path(device, root).with_suffix(".waiting"))
+    return process_alive(info.get("pid"), info.get("pid_start"))
 
 
 class StopRequest:

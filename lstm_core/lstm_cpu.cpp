@@ -339,6 +339,72 @@ int64_t padded(int64_t H) {
   return P - H <= H / 8 ? P : H;
 }
 
+// An entry point's argument as its error messages name it, "lstm_cpu.forward: weights[3]" (index: the
+// place in a list argument, or -1).
+struct Arg {
+  const char* fn;
+  const char* name;
+  int64_t index = -1;
+};
+
+std::ostream& operator<<(std::ostream& os, const Arg& arg) {
+  os << "lstm_cpu." << arg.fn << ": " << arg.name;
+  return arg.index >= 0 ? os << '[' << arg.index << ']' : os;
+}
+
+// Sizes as the messages show them, * for a size that may be anything (-1).
+struct Sizes {
+  at::IntArrayRef sizes;
+};
+
+std::ostream& operator<<(std::ostream& os, const Sizes& s) {
+  os << '[';
+  for (size_t d = 0; d < s.sizes.size(); ++d) {
+    if (d) os << ", ";
+    if (s.sizes[d] < 0) os << '*';
+    else os << s.sizes[d];
+  }
+  return os << ']';
+}
+
+// Every tensor argument passes through here before an entry point reads it: the loops take raw float
+// pointers and trust the sizes, so a CUDA or meta tensor, another element type or a wrong size would
+// have them read memory they do not own (a segfault or garbage) rather than raise. t must be a CPU
+// tensor of element type dtype (any when nullopt: the entry point converts it), of the given sizes (-1:
+// any; `shape` names them for the message, "(B, T, F)"), and contiguous where the entry point reads it
+// as it is; arguments it makes contiguous itself may have any strides. The messages are built only when
+// a check fails.
+void check_arg(const Arg& arg, const torch::Tensor& t, std::optional<at::ScalarType> dtype, const char* shape,
+               at::IntArrayRef sizes, bool contiguous = false) {
+  TORCH_CHECK(t.defined(), arg, " must be a tensor, got an undefined one");
+  TORCH_CHECK(t.device().is_cpu(), arg, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(!dtype || t.scalar_type() == *dtype, arg, " must be ", *dtype, ", got ", t.scalar_type());
+  bool sized = t.dim() == static_cast<int64_t>(sizes.size());
+  for (int64_t d = 0; sized && d < t.dim(); ++d) sized = sizes[d] < 0 || t.size(d) == sizes[d];
+  TORCH_CHECK(sized, arg, " must have shape ", shape, " = ", Sizes{sizes}, ", got ", t.sizes());
+  TORCH_CHECK(!contiguous || t.is_contiguous(), arg, " must be contiguous, got strides ", t.strides(), " for shape ",
+              t.sizes());
+}
+
+// The weights of a stack, as lstm_forward and lstm_backward read them: w_ih (4H, F), w_hh (4H, H) and
+// bias (4H) of each layer, where F is F0 in the first layer (-1: any) and H in the others. Returns H,
+// which w_hh of the first layer sets.
+int64_t check_weights(const char* fn, const std::vector<torch::Tensor>& weights, int64_t F0) {
+  TORCH_CHECK(!weights.empty() && weights.size() % 3 == 0, "lstm_cpu.", fn,
+              ": weights must be w_ih, w_hh and bias of each layer, a multiple of 3 tensors, got ", weights.size());
+  check_arg({fn, "weights", 1}, weights[1], at::kFloat, "(4H, H)", {-1, -1});
+  const int64_t H = weights[1].size(1);
+  TORCH_CHECK(H > 0, "lstm_cpu.", fn, ": weights[1] must have at least one column (the hidden size), got shape ",
+              weights[1].sizes());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Arg arg{fn, "weights", static_cast<int64_t>(i)};
+    if (i % 3 == 0) check_arg(arg, weights[i], at::kFloat, i == 0 ? "(4H, F)" : "(4H, H)", {4 * H, i == 0 ? F0 : H});
+    else if (i % 3 == 1) check_arg(arg, weights[i], at::kFloat, "(4H, H)", {4 * H, H});
+    else check_arg(arg, weights[i], at::kFloat, "(4H)", {4 * H});
+  }
+  return H;
+}
+
 }  // namespace
 
 // The kept buffers' layout: the batch in `parts` blocks of `rows` rows (the last may be shorter), one per
@@ -430,10 +496,13 @@ void forward_block(Layer& layer, const float* x0, int64_t sx0, int64_t sx1, cons
 template <bool kGemmsOnly = false>
 std::vector<torch::Tensor> lstm_forward(torch::Tensor x, std::vector<torch::Tensor> weights, bool keep,
                                         double dropout = 0.0, std::vector<int64_t> seeds = {}) {
-  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && !weights.empty() && weights.size() % 3 == 0);
+  check_arg({"forward", "x"}, x, at::kFloat, "(B, T, F)", {-1, -1, -1});  // read through its strides
+  TORCH_CHECK(x.size(1) > 0, "lstm_cpu.forward: x must have at least one step, got shape ", x.sizes());
+  const int64_t H = check_weights("forward", weights, x.size(2));
   if (x.stride(2) != 1) x = x.contiguous();
-  const int64_t L = weights.size() / 3, B = x.size(0), T = x.size(1), H = weights[1].size(1);
-  TORCH_CHECK(dropout == 0.0 || static_cast<int64_t>(seeds.size()) == L - 1, "one dropout seed per layer but the last");
+  const int64_t L = weights.size() / 3, B = x.size(0), T = x.size(1);
+  TORCH_CHECK(dropout == 0.0 || static_cast<int64_t>(seeds.size()) == L - 1,
+              "lstm_cpu.forward: one dropout seed per layer but the last");
   const auto opts = x.options();
   const Blocks blocks(B, T, rows_per_thread(B));
   std::vector<Layer> layers(L);
@@ -441,7 +510,6 @@ std::vector<torch::Tensor> lstm_forward(torch::Tensor x, std::vector<torch::Tens
     Layer& layer = layers[l];
     layer.F = l ? H : x.size(2), layer.H = H, layer.P = padded(H), layer.K = layer.F + layer.P + 1;
     const int64_t P = layer.P;
-    TORCH_CHECK(weights[3 * l].size(1) == layer.F && weights[3 * l + 1].size(1) == H);
     layer.w_t = P > H ? torch::zeros({layer.K, 4 * P}, opts) : torch::empty({layer.K, 4 * P}, opts);
     layer.hs = pooled_empty({B, T, P});
     if (keep) {
@@ -545,10 +613,30 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> d_hs_or_no
                                          torch::Tensor layout, std::vector<torch::Tensor> kept,
                                          std::vector<torch::Tensor> weights, bool need_dx, double dropout = 0.0,
                                          std::vector<int64_t> seeds = {}) {
-  const int64_t L = weights.size() / 3, B = layout[0].item<int64_t>(), H = weights[1].size(1);
-  TORCH_CHECK(static_cast<int64_t>(kept.size()) == 4 * L && weights.size() == 3 * static_cast<size_t>(L));
+  const int64_t H = check_weights("backward", weights, -1);
+  const int64_t L = weights.size() / 3, F0 = weights[0].size(1), P0 = padded(H);
+  check_arg({"backward", "layout"}, layout, at::kLong, "(2)", {2});
+  const int64_t B = layout[0].item<int64_t>(), rows = layout[1].item<int64_t>();
+  TORCH_CHECK(B > 0 && rows > 0, "lstm_cpu.backward: layout must be forward's [B, rows], both positive, got [", B, ", ",
+              rows, "]");
+  TORCH_CHECK(static_cast<int64_t>(kept.size()) == 4 * L, "lstm_cpu.backward: kept must hold 4 tensors per layer, ",
+              4 * L, " for these weights, got ", kept.size());
+  // the steps T come from the first layer's xh (B * T, F0 + P + 1); every kept buffer is read as it is
+  check_arg({"backward", "kept", 3}, kept[3], at::kFloat, "(B * T, F + P + 1)", {-1, F0 + P0 + 1});
   const int64_t T = kept[3].size(0) / B;
-  const Blocks blocks(B, T, layout[1].item<int64_t>());
+  TORCH_CHECK(T > 0 && kept[3].size(0) == B * T, "lstm_cpu.backward: kept[3] must have B * T rows for some T > 0 (B = ",
+              B, " from layout), got shape ", kept[3].sizes());
+  for (int64_t i = 0; i < 4 * L; ++i) {
+    const int64_t F = i < 4 ? F0 : H, width = i % 4 == 2 ? 4 * P0 : i % 4 == 3 ? F + P0 + 1 : P0;
+    const char* shape = i % 4 == 2 ? "(B * T, 4P)" : i % 4 == 3 ? "(B * T, F + P + 1)" : "(B * T, P)";
+    check_arg({"backward", "kept", i}, kept[i], at::kFloat, shape, {B * T, width}, true);
+  }
+  if (d_hs_or_none) check_arg({"backward", "d_hs"}, *d_hs_or_none, at::kFloat, "(B, T, H)", {B, T, H});
+  if (d_c_n) check_arg({"backward", "d_c_n"}, *d_c_n, at::kFloat, "(L, B, H)", {L, B, H});
+  if (d_h_n) check_arg({"backward", "d_h_n"}, *d_h_n, at::kFloat, "(L, B, H)", {L, B, H});
+  TORCH_CHECK(dropout == 0.0 || static_cast<int64_t>(seeds.size()) == L - 1,
+              "lstm_cpu.backward: one dropout seed per layer but the last");
+  const Blocks blocks(B, T, rows);
   const auto d_hs = d_hs_or_none.has_value() ? d_hs_or_none->contiguous() : torch::Tensor();
   const auto dcn = d_c_n.has_value() ? d_c_n->contiguous() : torch::Tensor();
   const auto dhn = d_h_n.has_value() ? d_h_n->contiguous() : torch::Tensor();
@@ -559,7 +647,6 @@ std::vector<torch::Tensor> lstm_backward(std::optional<torch::Tensor> d_hs_or_no
     Layer& layer = layers[l];
     layer.cs = kept[4 * l], layer.tcs = kept[4 * l + 1], layer.gates = kept[4 * l + 2], layer.xh = kept[4 * l + 3];
     layer.H = H, layer.P = layer.gates.size(1) / 4, layer.K = layer.xh.size(1), layer.F = layer.K - layer.P - 1;
-    TORCH_CHECK(layer.P == padded(H) && weights[3 * l].size(1) == layer.F && layer.xh.size(0) == B * T);
     const int64_t P = layer.P, F = layer.F, N = P + (l > 0 || need_dx ? F : 0);
     const auto w_h = weights[3 * l + 1].contiguous(), w_i = weights[3 * l].contiguous();
     auto wb = torch::zeros({4 * P, N}, opts);
@@ -628,6 +715,8 @@ bool flush_denormals() {
 // the gate loops (on uninitialised buffers: denormals are flushed, and NaNs cost x86 nothing). No kernel
 // built on these GEMMs trains faster than B samples in this time.
 double gemm_seconds(int64_t B, int64_t T, int64_t F, int64_t H, bool need_dx, int64_t repeats) {
+  TORCH_CHECK(B > 0 && T > 0 && F > 0 && H > 0 && repeats > 0, "lstm_cpu.gemm_seconds: B, T, F, H and repeats must be ",
+              "positive, got ", B, ", ", T, ", ", F, ", ", H, ", ", repeats);
   flush_denormals();
   const auto x = torch::zeros({B, T, F});
   const std::vector<torch::Tensor> weights{torch::zeros({4 * H, F}), torch::zeros({4 * H, H}), torch::zeros({4 * H})};
@@ -659,13 +748,16 @@ torch::Tensor dropout_mask(int64_t numel, double p, int64_t seed) {
 // takes ~20 small ops and a generic grid_sample, 0.5 ms for 128 images; this one ~0.05 ms.
 torch::Tensor batch_images(torch::Tensor images, torch::Tensor idx, std::optional<torch::Tensor> u_or_none,
                            std::vector<double> spans, double mean, double std) {
-  TORCH_CHECK(images.dim() == 3 && images.size(1) == 28 && images.size(2) == 28 && images.scalar_type() == at::kByte);
   constexpr int64_t kSide = 28, kPixels = kSide * kSide, kPad = 32;  // the source, zero-bordered, at (1, 1)
   static_assert(kPixels % Vec::kWidth == 0);
+  check_arg({"batch_images", "images"}, images, at::kByte, "(N, 28, 28)", {-1, kSide, kSide});
+  check_arg({"batch_images", "idx"}, idx, at::kLong, "(B)", {-1});
+  if (u_or_none) check_arg({"batch_images", "u"}, *u_or_none, std::nullopt, "(B, 5)", {idx.size(0), 5});
+  TORCH_CHECK(!u_or_none || spans.size() == 5, "lstm_cpu.batch_images: spans must hold 5 values with u, got ",
+              spans.size());
   images = images.contiguous();
-  const auto index = idx.to(torch::kLong).contiguous();
+  const auto index = idx.contiguous();
   const auto u = u_or_none.has_value() ? u_or_none->to(torch::kFloat).contiguous() : torch::Tensor();
-  TORCH_CHECK(!u.defined() || (u.dim() == 2 && u.size(0) == index.numel() && u.size(1) == 5 && spans.size() == 5));
   const int64_t B = index.numel(), N = images.size(0);
   auto out = torch::empty({B, kSide, kSide}, torch::kFloat);
   const uint8_t* src0 = images.data_ptr<uint8_t>();

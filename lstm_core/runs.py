@@ -32,6 +32,7 @@ from .train import Callback, FitState, History
 CHECKPOINT_FORMAT = 1
 STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 LIVE_STATES = ("queued", "running")
+PROGRESS_SECONDS = 1.0      # the most often a run writes its progress (metrics lines and status heartbeat)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -89,9 +90,9 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def append_jsonl(path: Path, record: dict) -> None:
+def append_jsonl(path: Path, *records: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, default=float) + "\n")
+        f.write("".join(json.dumps(record, default=float) + "\n" for record in records))
         f.flush()
 
 
@@ -308,9 +309,27 @@ def summarize(run: Run) -> dict:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+def on_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in it (in dicts, lists and tuples) copied to the CPU: a file saved from a GPU
+    run must load with a plain torch.load on a machine that has none."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state(device: torch.device) -> dict:
+    """Every random stream a run draws from: torch's CPU generator and, on a GPU, that GPU's (dropout)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
 def checkpoint_dict(state: FitState, partial: bool = False) -> dict:
-    """Tensors and plain values only, so that torch.load(weights_only=True) reads it back."""
-    return {
+    """Tensors (on the CPU) and plain values only, so that torch.load(weights_only=True) reads it back anywhere."""
+    return on_cpu({
         "format": CHECKPOINT_FORMAT,
         "config": state.config.to_dict(),
         "model": state.model.state_dict(),
@@ -323,9 +342,9 @@ def checkpoint_dict(state: FitState, partial: bool = False) -> dict:
         "best_val_loss": state.history.best_val_loss,
         "best_val_accuracy": state.history.best_val_accuracy,
         "bad_epochs": state.bad_epochs,
-        "rng": {"torch": torch.get_rng_state(), "generator": state.generator.get_state()},
+        "rng": {**rng_state(state.device), "generator": state.generator.get_state()},
         "scaler": state.scaler.state_dict() if state.scaler is not None and state.scaler.is_enabled() else None,
-    }
+    })
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -396,11 +415,20 @@ class RunRecorder(Callback):
     """Writes every event of `fit` into a run directory: status, metrics.jsonl, checkpoints, eval,
     plot. The state reaches `running`, then `completed`, `cancelled` or `failed`."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, progress_seconds: float = PROGRESS_SECONDS):
         self.run = run
+        self.progress_seconds = progress_seconds
+        self.pending: list[dict] = []        # progress records not written yet
+        self.written_at = -math.inf
 
     def heartbeat(self, **changes: Any) -> None:
         self.run.write_status(heartbeat_at=time.time(), **changes)
+
+    def flush(self) -> None:
+        """Write the progress records held back, in one append."""
+        if self.pending:
+            append_jsonl(self.run.metrics_path, *self.pending)
+            self.pending.clear()
 
     def on_run_start(self, state: FitState) -> None:
         pid = os.getpid()
@@ -415,8 +443,14 @@ class RunRecorder(Callback):
                 append_jsonl(self.run.metrics_path, record)
 
     def on_batch(self, state: FitState, record: dict) -> None:
-        append_jsonl(self.run.metrics_path, record)
-        self.heartbeat()
+        # by time, not by batch: a GPU finishes `log_every` batches many times a second, and each status
+        # write is an fsync
+        self.pending.append(record)
+        now = time.monotonic()
+        if now - self.written_at >= self.progress_seconds:
+            self.flush()
+            self.heartbeat()
+            self.written_at = now
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
         # checkpoints first: a kill between the two writes loses a log line (restored on resume), never
@@ -425,10 +459,12 @@ class RunRecorder(Callback):
         if state.improved:
             atomic_torch_save({**ckpt, "optimizer": None, "scheduler": None}, self.run.best_path)
         atomic_torch_save(ckpt, self.run.last_path)
+        self.flush()
         append_jsonl(self.run.metrics_path, record)
         self.heartbeat()
 
     def on_train_end(self, state: FitState) -> None:
+        self.flush()
         # stopped mid-epoch: last.pt stays at the last epoch's end (what --resume continues from); a run
         # stopped in its first epoch keeps its weights as a partial checkpoint
         if state.batch and state.batch < state.steps_per_epoch and not self.run.last_path.exists():
@@ -438,7 +474,7 @@ class RunRecorder(Callback):
                               self.run.best_path)
 
     def on_run_end(self, state: FitState, history: History) -> None:
-        atomic_torch_save(state.model.state_dict(), self.run.final_path)
+        atomic_torch_save(on_cpu(state.model.state_dict()), self.run.final_path)
         test = history.test or {}
         atomic_write_json(self.run.eval_path, {
             "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"), "test_error": test.get("error"),
@@ -453,6 +489,7 @@ class RunRecorder(Callback):
         self.heartbeat(state="cancelled" if history.stopped == "cancelled" else "completed", ended_at=time.time())
 
     def on_exception(self, state: FitState, exc: BaseException) -> None:
+        self.flush()
         cancelled = isinstance(exc, KeyboardInterrupt)
         self.heartbeat(state="cancelled" if cancelled else "failed", ended_at=time.time(),
                        error=None if cancelled else f"{type(exc).__name__}: {exc}")

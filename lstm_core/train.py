@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .config import TrainConfig
 from .data import MNIST, Splits, batch_input, load_mnist, make_splits
-from .devices import keep_freed_memory, resolve_device
+from .devices import AmpPolicy, keep_freed_memory, policy_for, resolve_device
 from .evaluate import autocast, evaluate
 from .fused import flush_denormals
 from .models import build_model
@@ -78,7 +78,8 @@ class FitState:
     should_stop: bool = False
     stop_reason: str = "cancelled"      # what a callback's stop means: cancelled, pruned, ...
     generator: torch.Generator | None = None
-    scaler: Any = None
+    amp: AmpPolicy | None = None          # the mixed-precision policy (devices.amp_policy)
+    scaler: Any = None                    # torch.amp.GradScaler, enabled when the policy has fp16 in it
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -196,15 +197,6 @@ def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: on CUDA with amp=auto, bf16 where supported, else fp16; amp=bf16 anywhere."""
-    if config.amp == "bf16":
-        return torch.bfloat16
-    if config.amp == "auto" and device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
 def should_stop(stop: Any, state: FitState) -> bool:
     if state.should_stop:
         return True
@@ -216,43 +208,26 @@ def should_stop(stop: Any, state: FitState) -> bool:
 
 
 def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = None,
-        data: MNIST | None = None, resume: dict | None = None) -> History:
+        data: MNIST | None = None, resume: dict | None = None, device: str | torch.device | None = None) -> History:
     """Train `config`, early-stop on validation loss, restore the best weights, evaluate on the test set.
     `stop`: a threading/multiprocessing Event or a callable; when it is set the run ends as cancelled.
     `resume`: a checkpoint saved at the end of an epoch (runs.checkpoint_dict) plus `best_model`, the best
-    weights so far; training goes on from the next epoch exactly as if it had never stopped."""
+    weights so far; training goes on from the next epoch exactly as if it had never stopped.
+    `device`: where to train, when the caller has chosen (a GPU it holds the lock of); else config.device."""
     callbacks = list(callbacks)
-    device = resolve_device(config.device)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    if device.type == "cpu":
-        keep_freed_memory()
-        flush_denormals()
-    torch.manual_seed(config.seed)
-    splits: Splits = make_splits(data or load_mnist(), config, device)
-    model = build_model(config).to(device)
-    optimizer = make_optimizer(config, model.parameters(), device)
-    n_train = len(splits.train_y)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    state = FitState(config, device, model, optimizer, make_scheduler(config, optimizer, steps_per_epoch),
-                     History(config, str(device)), steps_per_epoch, n_train,
-                     generator=torch.Generator().manual_seed(config.seed))
-    dtype = amp_dtype(config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state.scaler = scaler
+    state, splits = prepare(config, data, device)
+    model, dtype = state.model, state.amp.dtype
     if resume is not None:
         restore(state, resume)
     emit = lambda hook, *args: [getattr(cb, hook)(state, *args) for cb in callbacks]  # noqa: E731
     try:
         emit("on_run_start")
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            train = train_epoch(state, splits, dtype, scaler, emit, stop)
+            train = train_epoch(state, splits, emit, stop)
             if train is None:
                 state.history.stopped = state.stop_reason if state.should_stop else "cancelled"
                 break
-            record = end_epoch(state, splits, train, dtype)
+            record = end_epoch(state, splits, train)
             emit("on_epoch_end", record)
             if should_stop(stop, state):
                 state.history.stopped = state.stop_reason if state.should_stop else "cancelled"
@@ -273,12 +248,43 @@ def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = Non
     return state.history
 
 
-def train_epoch(state: FitState, splits: Splits, dtype, scaler, emit: Callable, stop: Any) -> dict | None:
+def prepare(config: TrainConfig, data: MNIST | None = None,
+            device: str | torch.device | None = None) -> tuple[FitState, Splits]:
+    """Everything a run needs before its first step: the device set up, seeds, data splits on the device,
+    model, optimizer, schedule, mixed-precision policy and loss scaler."""
+    device = resolve_device(str(device) if device is not None else config.device)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    policy = policy_for(config.amp, device, config.arch)   # an amp this device can't run well fails here
+    if device.type == "cuda":
+        torch.cuda.set_device(device)          # cuDNN's and autocast's per-device state follow the current GPU
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        # fp32 on a GPU means TF32 tensor cores for matmuls and cuDNN, as on every framework's default
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu":
+        keep_freed_memory()
+        flush_denormals()
+    torch.manual_seed(config.seed)
+    splits = make_splits(data or load_mnist(), config, device)
+    model = build_model(config).to(device)
+    optimizer = make_optimizer(config, model.parameters(), device)
+    n_train = len(splits.train_y)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    state = FitState(config, device, model, optimizer, make_scheduler(config, optimizer, steps_per_epoch),
+                     History(config, str(device)), steps_per_epoch, n_train,
+                     generator=torch.Generator().manual_seed(config.seed), amp=policy,
+                     scaler=torch.amp.GradScaler(device.type, enabled=policy.grad_scaler))
+    return state, splits
+
+
+def train_epoch(state: FitState, splits: Splits, emit: Callable, stop: Any) -> dict | None:
     """One pass over the training set: its mean loss and accuracy, or None when a stop came first."""
-    config, model, optimizer = state.config, state.model, state.optimizer
-    model.train()
+    config = state.config
+    state.model.train()
     state.batch = 0
-    perm = torch.randperm(state.n_train, generator=state.generator).to(state.device, non_blocking=True)
+    perm = to_device(torch.randperm(state.n_train, generator=state.generator), state.device)
+    if state.device.type == "cuda":
+        reseed_cudnn_dropout(state.device)
     # running sums stay on the device: one host sync per `log_every` batches, not per batch
     loss_sum = torch.zeros((), device=state.device)
     correct = torch.zeros((), device=state.device, dtype=torch.long)
@@ -288,22 +294,9 @@ def train_epoch(state: FitState, splits: Splits, dtype, scaler, emit: Callable, 
         if should_stop(stop, state):
             return None
         idx = perm[start:start + config.batch_size]
-        x = batch_input(splits.train_x, idx, config, state.generator, augment_batch=True)
-        y = splits.train_y[idx]
-        with autocast(state.device, dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if config.grad_clip and not getattr(optimizer, "max_grad_norm", 0):   # (FusedAdam clips in its step)
-            scaler.unscale_(optimizer)
-            clip_grad_norm(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        if config.scheduler in PER_BATCH_SCHEDULERS:
-            state.scheduler.step()
-        loss_sum += loss.detach() * len(idx)
-        correct += (logits.argmax(1) == y).sum()
+        loss, n_correct = train_step(state, splits, idx)
+        loss_sum += loss * len(idx)
+        correct += n_correct
         seen += len(idx)
         state.batch += 1
         if state.batch % config.log_every == 0 or state.batch == state.steps_per_epoch:
@@ -317,6 +310,44 @@ def train_epoch(state: FitState, splits: Splits, dtype, scaler, emit: Callable, 
     return {"loss": epoch_loss / state.n_train, "accuracy": epoch_correct / state.n_train}
 
 
+def train_step(state: FitState, splits: Splits, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on the training samples `idx`: (mean loss, correct predictions), both left on the
+    device. Nothing in it waits for the device (tests/test_cuda.py holds it to that), so a GPU never idles
+    while Python catches up."""
+    config, model, optimizer, scaler = state.config, state.model, state.optimizer, state.scaler
+    x = batch_input(splits.train_x, idx, config, state.generator, augment_batch=True)
+    y = splits.train_y[idx]
+    with autocast(state.device, state.amp.dtype):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if config.grad_clip and not getattr(optimizer, "max_grad_norm", 0):   # (FusedAdam clips in its step)
+        scaler.unscale_(optimizer)
+        clip_grad_norm(model.parameters(), config.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if config.scheduler in PER_BATCH_SCHEDULERS:
+        state.scheduler.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: to a GPU through pinned memory, asynchronously
+    (a plain .to() from pageable memory blocks until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def reseed_cudnn_dropout(device: torch.device) -> None:
+    """Make cuDNN draw its dropout state afresh from the CUDA generator before the next LSTM call. cuDNN
+    keeps that state (for dropout between stacked layers) per process and seeds it once; a resumed run in
+    a new process would otherwise drop other units than the uninterrupted run. Setting the generator's state
+    (to itself) is what tells torch to reseed it, so each epoch's masks follow from the saved RNG state."""
+    torch.cuda.set_rng_state(torch.cuda.get_rng_state(device), device)
+
+
 def batch_record(state: FitState, loss: float, accuracy: float, samples_per_s: float) -> dict:
     done = state.epoch * state.steps_per_epoch + state.batch
     total = state.config.epochs * state.steps_per_epoch
@@ -327,10 +358,10 @@ def batch_record(state: FitState, loss: float, accuracy: float, samples_per_s: f
             "eta": elapsed / done * (total - done), "time": time.time()}
 
 
-def end_epoch(state: FitState, splits: Splits, train: dict, dtype) -> dict:
+def end_epoch(state: FitState, splits: Splits, train: dict) -> dict:
     """Validate, step the plateau scheduler, keep a copy of the best weights, build the epoch record."""
     config, history = state.config, state.history
-    val = evaluate(state.model, splits.val_x, splits.val_y, config, detailed=False, amp_dtype=dtype)
+    val = evaluate(state.model, splits.val_x, splits.val_y, config, detailed=False, amp_dtype=state.amp.dtype)
     if config.scheduler == "plateau":
         state.scheduler.step(val["loss"])
     state.epoch += 1
@@ -370,6 +401,8 @@ def restore(state: FitState, ckpt: dict) -> None:
     if ckpt.get("scaler") and state.scaler is not None:
         state.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"])
+    if state.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], state.device)
     state.generator.set_state(ckpt["rng"]["generator"])
     history = state.history
     history.epochs = [dict(r) for r in ckpt["history"]]

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import optuna
 
 from .config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mapping
-from .jobs import spawn_detached
+from .jobs import device_lock, spawn_detached, training_devices
 from .runs import RunRecorder, create_run, read_json_object, safe_name, saves_root
 from .train import Callback, fit
 
@@ -43,7 +43,12 @@ SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "none")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 STOP_FILE = "STOP"
+MAX_FAILURES_IN_A_ROW = 3     # a worker whose trials fail this many times in a row stops
 HEARTBEAT_SECONDS = 10        # a worker killed mid-trial has that trial failed by the others after ~2x this
+
+
+class StudyFailing(RuntimeError):
+    """A worker stopped because its trials kept failing; the message says why."""
 
 
 class SpaceError(ConfigError):
@@ -161,17 +166,31 @@ def finished_trials(study: optuna.Study) -> int:
 
 def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | Path | None,
                   stop: Callable[[], bool]) -> Callable[[optuna.Trial], float]:
-    """suggest -> TrainConfig -> fit with pruning -> best validation accuracy."""
+    """suggest -> TrainConfig -> fit with pruning -> best validation accuracy. Each trial trains while it
+    holds its device's lock (jobs.device_lock): alone on a GPU, the first free one for `auto`; shared
+    with the study's other trials on the CPU; after a run that is using or waiting for the device."""
     def objective(trial: optuna.Trial) -> float:
-        config = from_dict({**base.to_dict(), **suggest(trial, space)})
-        path = study_dir(study_name, root) / f"trial_{trial.number}"
-        if path.exists():  # a retried trial of a dead worker gets a fresh directory
-            path = path.with_name(f"{path.name}_{int(time.time())}")
-        run = create_run(config, path=path)
-        trial.set_user_attr("run_dir", str(run.path))
         trial.set_user_attr("worker_pid", os.getpid())
         pruning = Pruning(trial)
-        history = fit(config, [RunRecorder(run), pruning], stop=stop)
+        try:
+            config = from_dict({**base.to_dict(), **suggest(trial, space)})
+            devices = training_devices(config)
+            path = study_dir(study_name, root) / f"trial_{trial.number}"
+            if path.exists():  # a retried trial of a dead worker gets a fresh directory
+                path = path.with_name(f"{path.name}_{int(time.time())}")
+            run = create_run(config, path=path)
+            trial.set_user_attr("run_dir", str(run.path))
+            with device_lock(devices, f"{study_name}/{run.id}", root, stop=stop,
+                             shared=devices == ["cpu"]) as device:
+                if device is None:
+                    run.write_status(state="cancelled", ended_at=time.time())
+                    raise optuna.TrialPruned("the study was stopped while the trial waited for its device")
+                history = fit(config, [RunRecorder(run), pruning], stop=stop, device=device)
+        except (optuna.TrialPruned, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            raise
         if history.test:
             trial.set_user_attr("test_accuracy", history.test["accuracy"])
         if pruning.pruned:
@@ -180,6 +199,25 @@ def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | P
             raise optuna.TrialPruned("the study was stopped")  # keep its record, but not as a result
         return max(r["val_accuracy"] for r in history.epochs)   # the best validation accuracy of any epoch
     return objective
+
+
+class FailureStreak:
+    """An Optuna callback that stops this worker after `limit` of its trials in a row failed: a cause
+    that fails every trial (a broken device, a space the config refuses) must not spin out thousands of
+    failed trials. `reason` then holds the last trial's error."""
+
+    def __init__(self, limit: int = MAX_FAILURES_IN_A_ROW):
+        self.limit, self.count, self.reason = limit, 0, None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            self.count = 0
+            return
+        self.count += 1
+        if self.count >= self.limit:
+            self.reason = (f"stopped after {self.count} failed trials in a row; the last (trial {trial.number}) "
+                           f"failed with {trial.user_attrs.get('error', 'an error (see the log above)')}")
+            study.stop()
 
 
 def open_study(name: str, storage: str, sampler: str = "tpe", pruner: str = "median",
@@ -209,9 +247,12 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
         if stop() or finished_trials(study) >= trials:
             study.stop()
 
+    failures = FailureStreak()
     if finished_trials(study) < trials and not stop():
-        study.optimize(objective_for(name, base, space, root, stop), timeout=timeout, callbacks=[enough],
+        study.optimize(objective_for(name, base, space, root, stop), timeout=timeout, callbacks=[enough, failures],
                        catch=(RuntimeError, ValueError, MemoryError))
+    if failures.reason:
+        raise StudyFailing(failures.reason)
     return study
 
 

@@ -34,7 +34,8 @@ def home() -> None:
         st.error(f"Could not list the devices: {type(exc).__name__}: {exc}")
     else:
         st.markdown("\n".join(
-            f"- `{d.name}` — {d.label}" + (" · fast bf16" if d.bf16 else "") for d in devices))
+            f"- `{d.name}` — {d.label}" + (" · native bf16" if d.bf16 else "") + f" · mixed precision (amp=auto): {d.amp}"
+            for d in devices))
 
     st.subheader("Runs")
     # Read on every rerun (no cache): a run finished in a terminal shows up on the next refresh.

@@ -14,7 +14,8 @@ import streamlit as st
 
 from lstm_core.config import BOUNDS, CHOICES, PRESETS, ConfigError, TrainConfig, from_dict, preset
 from lstm_core.devices import available_devices
-from lstm_core.jobs import device_holder, device_key, launch_resume, launch_training, request_stop
+from lstm_core.jobs import (describe_holder, device_holder, launch_resume, launch_training, pick_device, request_stop,
+                            training_devices)
 from lstm_core.plots import confusion_figure, curves_figure, running_loss_figure
 from lstm_core.runs import LIVE_STATES, RunError, format_seconds, list_runs, open_run
 from pagekit import leave_legacy_navigation
@@ -37,7 +38,9 @@ LABELS = {"lr": "learning rate", "seq_mode": "sequence mode", "amp": "mixed prec
 HELP = {"seq_mode": "rows: 28 steps of 28 pixels; pixels: 784 steps of 1 pixel (sequential MNIST); "
                     "permuted: pixels in a fixed shuffled order",
         "patience": "epochs without a better validation loss before stopping (0 = never)",
-        "amp": "auto: bf16/fp16 autocast on CUDA, fp32 elsewhere; bf16: autocast on any device",
+        "amp": "auto: each GPU's fast precision (the Home page lists it: fp16 with loss scaling for LSTMs from "
+               "Volta on, bf16 for the CNN from Ampere on), fp32 on a CPU; bf16: bf16 autocast (GPUs from Ampere "
+               "on; cuDNN's LSTM then stays in fp32)",
         "grad_clip": "maximum gradient norm (0 = off)"}
 
 
@@ -122,8 +125,8 @@ def command_for(config: TrainConfig, preset_name: str) -> str:
 
 def start(config: TrainConfig) -> None:
     try:
-        device = device_key(config.device)
-    except RuntimeError as exc:
+        device = pick_device(training_devices(config))
+    except ConfigError as exc:
         st.error(str(exc))
         return
     holder = device_holder(device)
@@ -131,8 +134,8 @@ def start(config: TrainConfig) -> None:
     st.session_state["train_run"] = run.id
     st.session_state["train_follow"] = True
     if holder:
-        st.session_state["train_notice"] = (f"{device} is busy with run {holder}: run {run.id} is queued and "
-                                            "starts when it ends.")
+        st.session_state["train_notice"] = (f"{device} is busy with {describe_holder(holder)}: run {run.id} is "
+                                            "queued and starts when it ends.")
     else:
         st.session_state["train_notice"] = f"Started run {run.id}."
 

@@ -11,7 +11,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect
+
+try:
+    from playwright.sync_api import Page, expect
+except ImportError:    # the GPU check's bare machine has torch, numpy and pytest only (tests/test_cuda.py)
+    Page = expect = None
 
 from lstm_core import TrainConfig
 from lstm_core.config import NO_AUGMENTATION

@@ -30,6 +30,22 @@ def test_devices_list_the_cpu(saves):
     assert any("`cpu`" in m.value for m in at.markdown)
 
 
+def test_each_gpu_is_listed_with_the_precision_it_really_runs_fast(saves, monkeypatch):
+    """The devices as torch would report a T4 and an H100: bf16 is called native only where it is."""
+    import lstm_core.devices as devices
+
+    gpus = [devices.DeviceInfo("cuda:0", "Tesla T4 (15.0 GiB, compute capability 7.5)", False,
+                               devices.amp_summary((7, 5))),
+            devices.DeviceInfo("cuda:1", "NVIDIA H100 (79.6 GiB, compute capability 9.0)", True,
+                               devices.amp_summary((9, 0)))]
+    monkeypatch.setattr(devices, "available_devices", lambda: gpus)
+    at = run_page()
+    (listing,) = [m.value for m in at.markdown if "`cuda:0`" in m.value]
+    t4, h100 = listing.splitlines()
+    assert "native bf16" not in t4 and "fp16 autocast with loss scaling" in t4
+    assert "native bf16" in h100 and "CNN: bf16 autocast" in h100
+
+
 def test_runs_table_holds_the_trained_run(trained_saves, monkeypatch):
     monkeypatch.setenv("LSTM_SAVES", str(trained_saves))
     (run_id,) = [p.name for p in (trained_saves / "runs").iterdir()]

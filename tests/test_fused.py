@@ -244,3 +244,120 @@ def test_head_dropout_drops_in_training_only_and_keeps_the_expectation():
     assert torch.equal(x.grad.eq(0), out.eq(0))                        # no gradient through dropped values
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(fused.Dropout(0.0)(x), x)
+
+
+# The kernel's entry points read raw CPU pointers: a tensor on another device ("meta" stands in for CUDA,
+# which no test machine needs), of another dtype or of the wrong shape must raise an error that names the
+# argument, not crash the process or return garbage.
+
+@pytest.fixture
+def kernel():
+    if not fused.available():
+        pytest.skip("no fused kernel here")
+    return fused.kernel()
+
+
+def small_stack(layers=2, batch=3, steps=4, inputs=5, hidden=20):
+    """x (batch, steps, inputs) and the kernel's weights list, w_ih, w_hh and bias of each layer."""
+    gen = torch.Generator().manual_seed(0)
+    weights = []
+    for layer in range(layers):
+        weights += [torch.randn(4 * hidden, inputs if layer == 0 else hidden, generator=gen),
+                    torch.randn(4 * hidden, hidden, generator=gen), torch.randn(4 * hidden, generator=gen)]
+    return torch.randn(batch, steps, inputs, generator=gen), weights
+
+
+def replaced(items, i, value):
+    return [value if j == i else item for j, item in enumerate(items)]
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda x, w: (x.to("meta"), w), r"forward: x must be a CPU tensor, got meta"),
+    (lambda x, w: (x.half(), w), r"forward: x must be Float, got Half"),
+    (lambda x, w: (x[0], w), r"forward: x must have shape \(B, T, F\)"),
+    (lambda x, w: (x[:, :0], w), r"forward: x must have at least one step"),
+    (lambda x, w: (x, replaced(w, 4, w[4].to("meta"))), r"forward: weights\[4\] must be a CPU tensor, got meta"),
+    (lambda x, w: (x, replaced(w, 3, w[3].double())), r"forward: weights\[3\] must be Float, got Double"),
+    (lambda x, w: (x[..., :4], w), r"forward: weights\[0\] must have shape \(4H, F\) = \[80, 4\], got \[80, 5\]"),
+    (lambda x, w: (x, replaced(w, 5, w[5][:-1])), r"forward: weights\[5\] must have shape \(4H\) = \[80\]"),
+    (lambda x, w: (x, w[:4]), r"forward: weights must be .* a multiple of 3"),
+], ids=["x-meta", "x-half", "x-2d", "x-no-steps", "weight-meta", "weight-double", "w_ih-columns", "bias-size",
+        "weight-count"])
+def test_forward_rejects_bad_tensors_by_name(kernel, spoil, match):
+    x, weights = small_stack()
+    kernel.forward(x, weights, True)
+    with pytest.raises(RuntimeError, match=match):
+        kernel.forward(*spoil(x, weights), True)
+
+
+@pytest.mark.parametrize("arg, spoil, match", [
+    ("d_hs", lambda t: t.to("meta"), r"backward: d_hs must be a CPU tensor, got meta"),
+    ("d_h_n", lambda t: t.to("meta"), r"backward: d_h_n must be a CPU tensor, got meta"),
+    ("d_c_n", lambda t: t.double(), r"backward: d_c_n must be Float, got Double"),
+    ("d_c_n", lambda t: t[:1], r"backward: d_c_n must have shape \(L, B, H\) = \[2, 3, 20\], got \[1, 3, 20\]"),
+    ("layout", lambda t: t.to("meta"), r"backward: layout must be a CPU tensor, got meta"),
+    ("layout", lambda t: t.int(), r"backward: layout must be Long, got Int"),
+    ("kept", lambda k: replaced(k, 6, k[6].to("meta")), r"backward: kept\[6\] must be a CPU tensor, got meta"),
+    ("kept", lambda k: replaced(k, 2, k[2].t().contiguous().t()), r"backward: kept\[2\] must be contiguous"),
+    ("kept", lambda k: replaced(k, 5, k[5][:-1]), r"backward: kept\[5\] must have shape \(B \* T, P\)"),
+    ("kept", lambda k: k[:4], r"backward: kept must hold 4 tensors per layer"),
+    ("weights", lambda w: replaced(w, 2, w[2].to("meta")), r"backward: weights\[2\] must be a CPU tensor, got meta"),
+    ("weights", lambda w: replaced(w, 4, w[4].half()), r"backward: weights\[4\] must be Float, got Half"),
+], ids=["d_hs-meta", "d_h_n-meta", "d_c_n-double", "d_c_n-layers", "layout-meta", "layout-int", "kept-meta",
+        "kept-strided", "kept-rows", "kept-count", "bias-meta", "weight-half"])
+def test_backward_rejects_bad_tensors_by_name(kernel, arg, spoil, match):
+    x, weights = small_stack()
+    hs, c_n, h_n, layout, *kept = kernel.forward(x, weights, True)
+    args = dict(d_hs=torch.ones_like(hs), d_c_n=torch.ones_like(c_n), d_h_n=torch.ones_like(h_n), layout=layout,
+                kept=kept, weights=weights)
+    kernel.backward(**args, need_dx=True)
+    args[arg] = spoil(args[arg])
+    with pytest.raises(RuntimeError, match=match):
+        kernel.backward(**args, need_dx=True)
+
+
+@pytest.mark.parametrize("arg, spoil, match", [
+    ("images", lambda t: t.to("meta"), r"batch_images: images must be a CPU tensor, got meta"),
+    ("images", lambda t: t.float(), r"batch_images: images must be Byte, got Float"),
+    ("images", lambda t: t[:, :, :27], r"batch_images: images must have shape \(N, 28, 28\)"),
+    ("idx", lambda t: t.to("meta"), r"batch_images: idx must be a CPU tensor, got meta"),
+    ("idx", lambda t: t.int(), r"batch_images: idx must be Long, got Int"),
+    ("idx", lambda t: t.view(2, 3), r"batch_images: idx must have shape \(B\)"),
+    ("u", lambda t: t.to("meta"), r"batch_images: u must be a CPU tensor, got meta"),
+    ("u", lambda t: t[:, :4], r"batch_images: u must have shape \(B, 5\) = \[6, 5\], got \[6, 4\]"),
+    ("spans", lambda s: s[:3], r"batch_images: spans must hold 5 values"),
+], ids=["images-meta", "images-float", "images-size", "idx-meta", "idx-int", "idx-2d", "u-meta", "u-columns",
+        "spans"])
+def test_batch_images_rejects_bad_tensors_by_name(kernel, arg, spoil, match):
+    args = dict(images=torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8), idx=torch.arange(6),
+                u=torch.rand(6, 5) * 2 - 1, spans=[0.5, 0.2, 0.3, 0.4, 0.4])
+    kernel.batch_images(*args.values(), 0.1, 0.3)
+    args[arg] = spoil(args[arg])
+    with pytest.raises(RuntimeError, match=match):
+        kernel.batch_images(*args.values(), 0.1, 0.3)
+
+
+def test_gemm_seconds_rejects_an_empty_shape(kernel):
+    with pytest.raises(RuntimeError, match=r"gemm_seconds: B, T, F, H and repeats must be positive"):
+        kernel.gemm_seconds(0, 4, 5, 20, True, 1)
+
+
+def test_entry_points_still_take_strided_tensors_they_copy(kernel):
+    """x, the weights, the gradients, images, idx and u may have any strides (the kernel copies what it
+    must) and u any floating dtype: the same results as contiguous ones."""
+    x, weights = small_stack()
+    strided_weights = [w.t().contiguous().t() if w.dim() == 2 else w for w in weights]
+    hs, c_n, h_n, layout, *kept = kernel.forward(x, weights, True)
+    for strided_x in (x.transpose(0, 1).contiguous().transpose(0, 1), x.transpose(1, 2).contiguous().transpose(1, 2)):
+        for a, b in zip(kernel.forward(strided_x, strided_weights, True), (hs, c_n, h_n, layout, *kept)):
+            assert torch.equal(a, b)
+    d_hs = torch.ones(()).expand(hs.shape)                     # what hs.sum().backward() sends
+    strided_h_n = h_n.transpose(0, 1).contiguous().transpose(0, 1)
+    ref = kernel.backward(d_hs.contiguous(), None, h_n, layout, kept, weights, True)
+    for a, b in zip(kernel.backward(d_hs, None, strided_h_n, layout, kept, strided_weights, True), ref):
+        assert torch.equal(a, b)
+    images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
+    idx, u, spans = torch.arange(12)[::2], torch.rand(6, 5) * 2 - 1, [0.5, 0.2, 0.3, 0.4, 0.4]
+    ref = kernel.batch_images(images, idx.contiguous(), u, spans, 0.1, 0.3)
+    strided_images = images.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(kernel.batch_images(strided_images, idx, u.double(), spans, 0.1, 0.3), ref)

@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -23,7 +24,7 @@ def test_a_held_device_makes_others_wait_and_names_its_holder(saves):
         out = subprocess.run([sys.executable, "-c", code, str(saves)], cwd=REPO, capture_output=True, text=True,
                              timeout=120).stdout
         waiting.append(out)
-    assert f"waiting for {holder.id}" in waiting[0] and "acquired False" in waiting[0]
+    assert f"waiting for {holder.id}" in waiting[0] and "acquired None" in waiting[0]
     assert device_holder("cpu", saves) is None                       # released, owner cleared
     with device_lock("cpu", "next", saves) as acquired:             # free again
         assert acquired
@@ -68,3 +69,67 @@ def test_a_launched_run_outlives_the_process_that_started_it(saves):
         time.sleep(0.3)
     assert run.status()["state"] == "completed", (run.path / "train.log").read_text()
     assert run.eval()["test_accuracy"] > 0.4
+
+
+def hold(saves, devices, owner, shared=False, seconds=60):
+    """A process that holds one of `devices` (printing which) until killed."""
+    code = ("import sys, time; from lstm_core.jobs import device_lock\n"
+            f"with device_lock({devices!r}, {owner!r}, sys.argv[1], shared={shared}) as d:"
+            f" print(d, flush=True); time.sleep({seconds})")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(saves)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def test_auto_on_several_gpus_takes_the_first_free_one(saves):
+    """Lock names only: the rule is the same whether the GPUs exist here or not."""
+    gpus = ["cuda:0", "cuda:1", "cuda:2"]
+    first, got = hold(saves, gpus, "a")
+    assert got == "cuda:0"
+    second, got = hold(saves, gpus, "b")
+    assert got == "cuda:1"                                   # not queued behind the first on cuda:0
+    try:
+        with device_lock(gpus, "c", saves) as device:
+            assert device == "cuda:2"
+        first.kill()
+        first.wait()
+        with device_lock(gpus, "d", saves, poll=0.05) as device:
+            assert device == "cuda:0"                        # freed by the kernel when its holder died
+    finally:
+        for p in (first, second):
+            p.kill()
+            p.wait()
+
+
+def test_trials_share_the_cpu_and_a_waiting_run_goes_before_new_trials(saves):
+    trial, got = hold(saves, ["cpu"], "s/trial_0", shared=True)
+    assert got == "cpu"
+    try:
+        with device_lock("cpu", "s/trial_1", saves, shared=True) as device:    # workers of a study share
+            assert device == "cpu"
+        # a run waits for the trial in progress, and says so, so that trials about to start leave the CPU to it
+        run, waited, release = [], [], threading.Event()
+
+        def start_run():
+            with device_lock("cpu", "r", saves, poll=0.05, on_wait=waited.append) as device:
+                run.append(device)
+                release.wait(30)
+        thread = threading.Thread(target=start_run)
+        thread.start()
+        deadline = time.time() + 10
+        while not waited and time.time() < deadline:
+            time.sleep(0.05)
+        assert waited and not run
+        stop_now = lambda: True  # noqa: E731
+        with device_lock("cpu", "s/trial_2", saves, shared=True, stop=stop_now) as device:
+            assert device is None                            # a new trial does not slip in before the run
+        trial.kill()
+        trial.wait()
+        deadline = time.time() + 10
+        while not run and time.time() < deadline:
+            time.sleep(0.05)
+        assert run == ["cpu"]
+        release.set()
+        thread.join(timeout=10)
+    finally:
+        trial.kill()
+        trial.wait()

@@ -174,3 +174,26 @@ def test_unreadable_files_do_not_break_listing(tmp_path, finished):
 def test_durations_read_as_minutes_and_seconds_then_hours():
     assert [format_seconds(s) for s in (-3, 0, 59.9, 61, 3599, 3600, 2 * 3600 + 5 * 60 + 7)] == \
         ["0:00", "0:00", "0:59", "1:01", "59:59", "1:00:00", "2:05:07"]
+
+
+def test_progress_is_written_by_time_not_by_batch(tmp_path, mnist):
+    """A GPU finishes many progress windows a second: their records are held back and written together, and
+    the status heartbeat (an fsync) at most once per interval; none is lost."""
+    run = create_run(tiny_config(log_every=1), tmp_path)
+    seen = []
+
+    class LinesWritten(Callback):
+        def on_batch(self, state, record):
+            seen.append(len(read_jsonl(run.metrics_path)))
+
+    fit(run.config(), [RunRecorder(run, progress_seconds=3600), LinesWritten()], data=mnist)
+    assert seen[0] == 2 and seen[1:40] == [2] * 39          # "start" and the first batch, then held back
+    events = [r["event"] for r in run.metrics()]
+    assert events.count("batch") == 2 * 40 and events.count("epoch") == 2
+    assert events.index("epoch") == 41                      # the first epoch's batches were written before it
+
+
+def test_checkpoints_hold_every_random_stream_on_the_cpu(finished):
+    run, _ = finished
+    last = torch.load(run.last_path, weights_only=True)
+    assert set(last["rng"]) == {"torch", "generator", "cuda"} and last["rng"]["cuda"] is None   # a CPU run

@@ -8,8 +8,10 @@ import time
 
 import optuna
 import pytest
+import torch
 
 from conftest import DATA_DIR, REPO
+from lstm_core.tune import MAX_FAILURES_IN_A_ROW, FailureStreak
 
 SMALL = ["--limit-train", "1000", "--val-size", "500", "--epochs", "2", "--batch-size", "100",
          "--aug-rotate", "0", "--aug-translate", "0", "--aug-scale", "0"]
@@ -111,3 +113,42 @@ def test_two_workers_on_postgresql(saves, space, postgres_url):
     finished = [t for t in study.trials if t.state.is_finished()]
     assert 4 <= len(finished) <= 5 and len({t.user_attrs["worker_pid"] for t in finished}) == 2
     assert json.loads(result.stdout.strip().splitlines()[-1])["storage"] == postgres_url
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_device_that_is_absent_is_refused_before_any_trial(saves, space):
+    result = tune(saves, "--study", "nogpu", "--trials", 2, "--space", space, *SMALL, "--device", "cuda")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: device 'cuda' was asked for, but no CUDA GPU is "
+                                                  "available here"]
+    assert not (saves / "studies").exists() and not (saves / "optuna.db").exists()
+
+
+def test_a_worker_stops_after_a_few_failed_trials_in_a_row():
+    study = optuna.create_study()
+    streak = FailureStreak(limit=3)
+
+    def broken(trial):
+        trial.suggest_int("hidden_size", 8, 16)
+        if trial.number == 1:
+            return 1.0                                  # a success resets the count
+        trial.set_user_attr("error", "RuntimeError: CUDA out of memory")
+        raise RuntimeError("CUDA out of memory")
+    study.optimize(broken, n_trials=100, callbacks=[streak], catch=(RuntimeError,))
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL", "FAIL", "FAIL"]
+    assert streak.reason == ("stopped after 3 failed trials in a row; the last (trial 4) failed with "
+                             "RuntimeError: CUDA out of memory")
+
+
+def test_a_study_whose_every_trial_fails_ends_with_one_line_not_a_runaway(saves, tmp_path):
+    """Whatever makes each trial fail (here the trial's config refuses every choice), the worker stops."""
+    doomed = tmp_path / "doomed.json"
+    doomed.write_text(json.dumps({"batch_size": {"type": "int", "low": 1500, "high": 1600}}))  # > limit_train
+    result = tune(saves, "--study", "doomed", "--trials", 50, "--space", doomed, *SMALL)
+    assert result.returncode == 1
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error == [f"error: study doomed: stopped after {MAX_FAILURES_IN_A_ROW} failed trials in a row; the last "
+                     "(trial 2) failed with ConfigError: limit_train (1000) must be at least batch_size "
+                     f"({optuna.load_study(study_name='doomed', storage=storage_of(saves)).trials[2].params['batch_size']})"]
+    study = optuna.load_study(study_name="doomed", storage=storage_of(saves))
+    assert [t.state.name for t in study.trials] == ["FAIL"] * MAX_FAILURES_IN_A_ROW

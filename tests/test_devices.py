@@ -1,0 +1,69 @@
+"""The mixed-precision policy over a table of GPUs (a pure function: it runs without any GPU), and the
+devices this machine reports."""
+import pytest
+import torch
+
+from lstm_core.config import ConfigError
+from lstm_core.devices import (AmpUnsupported, amp_policy, amp_summary, available_devices, candidate_devices,
+                               policy_for)
+
+FP16, BF16 = torch.float16, torch.bfloat16
+# (GPU, compute capability, amp=auto for an LSTM, amp=auto for the CNN, whether amp=bf16 is allowed)
+GPUS = [
+    ("GTX 1080", (6, 1), None, None, False),
+    ("P100", (6, 0), None, None, False),
+    ("V100", (7, 0), FP16, FP16, False),
+    ("T4", (7, 5), FP16, FP16, False),
+    ("RTX 2080 Ti", (7, 5), FP16, FP16, False),
+    ("A100", (8, 0), FP16, BF16, True),
+    ("RTX 3090", (8, 6), FP16, BF16, True),
+    ("RTX 4090", (8, 9), FP16, BF16, True),
+    ("H100", (9, 0), FP16, BF16, True),
+    ("B200", (10, 0), FP16, BF16, True),
+    ("RTX 5090", (12, 0), FP16, BF16, True),
+]
+
+
+@pytest.mark.parametrize("gpu, cc, lstm, cnn, bf16", GPUS, ids=[g[0] for g in GPUS])
+def test_every_gpu_gets_its_fast_precision_and_never_fp16_without_loss_scaling(gpu, cc, lstm, cnn, bf16):
+    for arch, expected in (("lstm", lstm), ("cnn", cnn)):
+        policy = amp_policy("auto", "cuda", cc, arch, gpu_name=gpu)
+        assert policy.dtype == expected, (gpu, arch)
+        assert policy.grad_scaler == (expected == FP16 or policy.lstm_dtype == FP16)
+    off = amp_policy("off", "cuda", cc, "lstm")
+    assert off.dtype is None and not off.grad_scaler and off.lstm_dtype == torch.float32
+    if bf16:
+        lstm_bf16 = amp_policy("bf16", "cuda", cc, "lstm")
+        # cuDNN's LSTM would turn bf16 autocast into fp16 without loss scaling: it runs in fp32 instead
+        assert lstm_bf16.dtype == BF16 and lstm_bf16.lstm_outside_autocast and lstm_bf16.lstm_dtype == torch.float32
+        assert not lstm_bf16.grad_scaler
+        assert amp_policy("bf16", "cuda", cc, "cnn").dtype == BF16
+    else:
+        # emulated bf16 (torch.cuda.is_bf16_supported() says True there too) is refused, with what to use instead
+        with pytest.raises(AmpUnsupported, match=rf"{gpu} is {cc[0]}\.{cc[1]}.*amp=auto"):
+            amp_policy("bf16", "cuda", cc, "lstm", gpu_name=gpu)
+        assert issubclass(AmpUnsupported, ConfigError)            # the CLI answers it with exit 2, one line
+
+
+def test_the_summary_a_person_reads_names_both_architectures_where_they_differ():
+    assert amp_summary((9, 0)) == "LSTM: fp16 autocast with loss scaling; CNN: bf16 autocast"
+    assert amp_summary((7, 5)) == "fp16 autocast with loss scaling"
+    assert amp_summary((6, 1)) == "fp32 (no tensor cores)"
+
+
+def test_cpu_policy_is_fp32_unless_bf16_is_asked_for():
+    assert amp_policy("auto", "cpu").dtype is None
+    assert amp_policy("bf16", "cpu", cpu_bf16=True).lstm_dtype == BF16
+    assert amp_policy("bf16", "cpu", cpu_bf16=False).lstm_dtype == torch.float32   # oneDNN has no bf16 LSTM there
+    assert not any(amp_policy(a, "cpu").grad_scaler for a in ("off", "auto", "bf16"))
+
+
+def test_this_machine_reports_its_devices_and_policy():
+    devices = available_devices()
+    assert devices[-1].name == "cpu" and devices[-1].amp == "fp32"
+    assert policy_for("auto", torch.device("cpu")).dtype is None
+    assert candidate_devices("cpu") == ["cpu"]
+    if not torch.cuda.is_available():
+        assert candidate_devices("auto") == ["cpu"]
+        with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+            candidate_devices("cuda")
