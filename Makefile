@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test bench load setup setup-test chromium postgres clean
+.PHONY: run test bench gpu-check load setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -19,6 +19,13 @@ test: $(VENV)/.installed-test chromium postgres
 # Speed and accuracy figures (the README's table); BENCH_ARGS="--full default" also trains to the end.
 bench: $(VENV)/.installed
 	$(PY) -m lstm_core.bench $(BENCH_ARGS)
+
+# A GPU host's check: the CUDA tests, then speed and accuracy on the GPU (sized for 8 minutes on an H100), into
+# saves/bench/gpucheck-<time>.json; non-zero exit when a check fails. It needs only torch, numpy and pytest,
+# so it runs with the venv's python or, where there is none, a plain python3. GPUCHECK_ARGS="--device cpu --small".
+PYTHON_GPU ?= $(shell [ -x $(PY) ] && echo $(PY) || echo $(PYTHON))
+gpu-check:
+	$(PYTHON_GPU) -m lstm_core.gpucheck $(GPUCHECK_ARGS)
 
 # The Draw page under load (issue 7): 20 sessions drawing while a training run goes on; p50/p95/p99 latency and
 # errors, written to saves/bench/load-<time>.json. LOAD_ARGS="--client browser --sessions 4" uses Chromium tabs.

@@ -5,7 +5,13 @@ script has run once; each page starts by leaving that mode (pagekit.leave_legacy
 """
 import streamlit as st
 
+from lstm_core.runs import RunError, check_saves
+
 st.set_page_config(page_title="LSTM Studio", layout="wide")
+try:
+    check_saves()       # a saves root that is a file or read-only: say so above every page, in the CLI's words
+except RunError as exc:
+    st.error(str(exc))
 st.navigation([
     st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),

@@ -55,8 +55,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         file_values = read_mapping(args.config)
         values.update(from_dict({**values, **file_values}).to_dict())  # validates the file on its own terms
-    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None})
-    return from_dict(values)
+    flags = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    values.update(flags)
+    config = from_dict(values)
+    if config.arch == "cnn":        # a CNN would ignore them, and its config would claim it had used them
+        ignored = [f for f in LSTM_ONLY if f in flags or (args.config and f in file_values)]
+        if ignored:
+            raise UsageError(f"{', '.join(flag(f) for f in ignored)} only apply to LSTMs, and this config trains a "
+                             "CNN (arch cnn): drop them, or add --arch lstm")
+    return config
+
+
+LSTM_ONLY = ("seq_mode", "hidden_size", "num_layers", "bidirectional")
 
 
 def build_parser() -> Parser:
@@ -96,6 +106,8 @@ def build_parser() -> Parser:
     tune.add_argument("--config", metavar="FILE", help="JSON or TOML file of fixed TrainConfig fields")
     tune.add_argument("--saves", metavar="DIR")
     tune.add_argument("--json", action="store_true", help="end stdout with one JSON summary line")
+    tune.add_argument("--force-workers", action="store_true",
+                      help="start --workers N even where N is more than the cores or memory can run at once")
     tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child of --workers
     add_config_flags(tune)
 
@@ -109,7 +121,7 @@ def build_parser() -> Parser:
 def command_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .jobs import StopRequest, describe_holder, device_lock, training_devices
-    from .runs import RunRecorder, create_run, process_start_time, resume_checkpoint
+    from .runs import RunRecorder, check_saves, create_run, process_start_time, resume_checkpoint
     from .train import fit
 
     stop_event = threading.Event()
@@ -119,13 +131,15 @@ def command_train(args: argparse.Namespace) -> int:
     if args.run_dir or args.resume:
         run = existing_run(args)
         config = run.config()
+        devices = training_devices(config)
         if args.resume:
             resume = resume_checkpoint(run)
             run.write_status(state="queued", resuming=False, ended_at=None, error=None)
             (run.path / "STOP").unlink(missing_ok=True)
     else:
         config = config_from_args(args)
-    devices = training_devices(config)
+        devices = training_devices(config)          # an absent device or amp mode: refused before any folder
+        check_saves(args.saves)
     mnist = load_mnist(args.data_dir)
     if not (args.run_dir or args.resume):
         run = create_run(config, args.saves)
@@ -221,10 +235,13 @@ def command_evaluate(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .devices import resolve_device
     from .evaluate import evaluate
-    from .runs import load_model, open_run, run_at
+    from .runs import RunError, check_saves, load_model, open_run, run_at
 
     path = Path(args.path)
     if not path.is_file():
+        if not path.is_dir() and (path.suffix in (".pt", ".pth") or path.is_absolute()):
+            raise RunError(f"no such file or run directory: {path}")
+        check_saves(args.saves, write=False)
         path = (run_at(path) if path.is_dir() else open_run(args.path, args.saves)).path
     try:
         device = resolve_device(args.device)
@@ -244,9 +261,9 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_runs(args: argparse.Namespace) -> int:
-    from .runs import format_seconds, list_runs
+    from .runs import check_saves, format_seconds, list_runs
 
-    rows = list_runs(args.saves)
+    rows = list_runs(check_saves(args.saves, write=False))
     if args.json:
         print(json.dumps(rows))
         return 0
@@ -270,10 +287,10 @@ def command_runs(args: argparse.Namespace) -> int:
 def command_tune(args: argparse.Namespace) -> int:
     import subprocess
 
-    from .runs import atomic_write_json, process_start_time, safe_name, saves_root
     from .jobs import training_devices
-    from .tune import (StudyFailing, default_storage, finished_trials, load_space, make_storage, run_worker,
-                       state_counts, study_dir)
+    from .runs import atomic_write_json, check_saves, process_start_time, safe_name
+    from .tune import (StudyFailing, check_writable, default_storage, fail_trials_of, finished_trials, load_space,
+                       make_storage, run_worker, state_counts, study_dir)
 
     safe_name(args.study, "study name")
     if args.trials < 1 or (args.workers is not None and args.workers < 1) or (args.timeout is not None and args.timeout <= 0):
@@ -282,10 +299,12 @@ def command_tune(args: argparse.Namespace) -> int:
     devices = training_devices(base)           # an absent device is refused before any trial or folder exists
     if args.workers is None:                   # one worker per GPU that `auto` may take, else one
         args.workers = len(devices) if base.device == "auto" and devices[0] != "cpu" else 1
-    space = load_space(args.space)
+    space = load_space(args.space, base)
+    if not args.worker:
+        check_workers(args.workers, devices, args.force_workers)
+    check_saves(args.saves)                     # the default SQLite file and the trials' folders live there
     storage = args.storage or default_storage(args.saves)
-    saves_root(args.saves).mkdir(parents=True, exist_ok=True)   # the default SQLite file lives there
-    make_storage(storage)                       # an unreachable or malformed URL fails here, clearly
+    check_writable(make_storage(storage), storage)   # an unreachable, malformed or read-only storage fails here
     if base.num_threads == 0:                   # K workers share the cores instead of fighting over them
         base = base.replace(num_threads=max(1, (os.cpu_count() or 1) // args.workers))
     stop = threading.Event()
@@ -309,7 +328,13 @@ def command_tune(args: argparse.Namespace) -> int:
                                     args.pruner, args.saves, stop, args.sampler_seed), None
     except StudyFailing as exc:
         study, failing = None, exc
-    failed_children = sum(child.wait() != 0 for child in children)
+    failed_children = 0
+    for child in children:
+        if child.wait() != 0:
+            failed_children += 1
+            for number in fail_trials_of(args.study, storage, child.pid):   # so the study and the folders agree
+                print(f"worker {child.pid} ended with status {child.returncode} in trial {number}: marked failed",
+                      file=sys.stderr, flush=True)
     if failing:
         print(f"error: study {args.study}: {failing}", file=sys.stderr, flush=True)
         return 1
@@ -329,6 +354,35 @@ def command_tune(args: argparse.Namespace) -> int:
                           "best_params": best.params if best else None,
                           "best_run_dir": best.user_attrs.get("run_dir") if best else None}))
     return 1 if failed_children else 0
+
+
+WORKER_MEMORY = 1.5 * 2**30     # what one tuning worker holds: torch, the data on its device, a trial's model
+
+
+def check_workers(workers: int, devices: list[str], force: bool) -> None:
+    """Refuse more workers than this machine runs at once, unless forced: on a CPU one per core, and
+    anywhere no more than the free memory holds (each worker is a process of its own)."""
+    cores = os.cpu_count() or 1
+    free = available_memory()
+    by_memory = max(1, int(free // WORKER_MEMORY)) if free else workers
+    by_device = cores if devices == ["cpu"] else max(len(devices), cores)
+    limit = min(by_memory, by_device)
+    if workers > limit and not force:
+        why = f"{cores} cores" + (f" and {free / 2**30:.1f} GiB of free memory (about "
+                                  f"{WORKER_MEMORY / 2**30:.1f} GiB a worker)" if free else "")
+        raise UsageError(f"--workers {workers} is more than this machine runs at once: at most {limit} with {why}; "
+                         "add --force-workers to start them anyway")
+
+
+def available_memory() -> float | None:
+    """Bytes of memory free for new processes (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 COMMANDS = {"train": command_train, "evaluate": command_evaluate, "runs": command_runs, "tune": command_tune}

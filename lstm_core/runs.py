@@ -47,6 +47,27 @@ def saves_root(root: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
+def check_saves(root: str | Path | None = None, write: bool = True) -> Path:
+    """The saves root, refused with one RunError naming the path and the problem when it is a file, or
+    (`write`) when this process cannot create files in it. Commands call it before anything starts."""
+    path = saves_root(root)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"the saves folder {path} is a file, not a folder: point --saves (or $LSTM_SAVES) at a folder")
+    if not write:
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise RunError(f"cannot write to the saves folder {path}: {reason}"
+                       f"{' (' + str(exc.filename) + ')' if exc.filename and str(exc.filename) != str(path) else ''}"
+                       ": choose another with --saves (or $LSTM_SAVES)") from None
+    return path
+
+
 def safe_name(name: str, what: str = "run id") -> str:
     """A user-given run id or study name, refused when it could reach outside its folder."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or ".." in name:
@@ -94,6 +115,25 @@ def append_jsonl(path: Path, *records: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(record, default=float) + "\n" for record in records))
         f.flush()
+
+
+def repair_jsonl(path: Path) -> None:
+    """Cut a torn last line (a writer killed mid-line) off a JSON-lines file, so that the next append starts
+    a line of its own instead of gluing onto it."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            f.seek(max(0, size - 2**20))
+            tail = f.read()
+            cut = tail.rfind(b"\n")
+            f.truncate(size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+    except FileNotFoundError:
+        pass
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -431,6 +471,7 @@ class RunRecorder(Callback):
             self.pending.clear()
 
     def on_run_start(self, state: FitState) -> None:
+        repair_jsonl(self.run.metrics_path)       # a resumed run's log may end in a line torn by the kill
         pid = os.getpid()
         self.heartbeat(state="running", pid=pid, pid_start=process_start_time(pid), host=socket.gethostname(),
                        started_at=time.time(), device=str(state.device))

@@ -11,6 +11,7 @@ optuna.load_study open it as they would any other.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,11 @@ from .config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mappi
 from .jobs import device_lock, spawn_detached, training_devices
 from .runs import RunRecorder, create_run, read_json_object, safe_name, saves_root
 from .train import Callback, fit
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent first opens of a fresh SQLite file may collide
+    fcntl = None
 
 # The space the popular MNIST-LSTM Optuna scripts search, plus AdamW, RMSprop and bidirectional.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -63,8 +69,11 @@ def study_dir(study: str, root: str | Path | None = None) -> Path:
     return saves_root(root) / "studies" / safe_name(study, "study name")
 
 
-def check_space(space: Any) -> dict[str, dict[str, Any]]:
-    """A search space (param -> spec) checked against TrainConfig, with one clear message per problem."""
+def check_space(space: Any, base: TrainConfig | None = None) -> dict[str, dict[str, Any]]:
+    """A search space (param -> spec) checked up front against TrainConfig's own rules, with one clear
+    message for the first problem: known fields, well-formed ranges (a positive step no larger than the
+    range, log ranges above zero), and, given the fixed `base` config, every choice and both ends of every
+    range a valid config. What passes here cannot make every trial fail."""
     if not isinstance(space, dict) or not space:
         raise SpaceError("a search space must be a non-empty mapping of config fields to ranges")
     for name, spec in space.items():
@@ -72,24 +81,62 @@ def check_space(space: Any) -> dict[str, dict[str, Any]]:
             raise SpaceError(f"search space: {name!r} is not a TrainConfig field")
         if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
             raise SpaceError(f"search space: {name} needs a type of float, int or categorical")
+        unknown = sorted(set(spec) - SPEC_KEYS[spec["type"]])
+        if unknown:
+            raise SpaceError(f"search space: {name} has an unknown key {unknown[0]!r} for a {spec['type']} range "
+                             f"(known: {', '.join(sorted(SPEC_KEYS[spec['type']]))})")
         if spec["type"] == "categorical":
             if not isinstance(spec.get("choices"), list) or not spec["choices"]:
                 raise SpaceError(f"search space: {name} needs a non-empty list of choices")
-            continue
-        low, high = spec.get("low"), spec.get("high")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
-            raise SpaceError(f"search space: {name} needs numbers low <= high, got {low!r} and {high!r}")
-        if spec.get("log") and low <= 0:
-            raise SpaceError(f"search space: {name} is log-scaled, so low must be > 0, got {low}")
-        if spec["type"] == "int" and not all(float(v).is_integer() for v in (low, high)):
-            raise SpaceError(f"search space: {name} is an int range, got {low!r}..{high!r}")
+            values = spec["choices"]
+        else:
+            values = check_range(name, spec)
+        if base is not None:
+            for value in values:
+                try:
+                    base.replace(**{name: value})
+                except ConfigError as exc:
+                    raise SpaceError(f"search space: with {name} = {value!r}: {exc}") from None
     return space
 
 
-def load_space(path: str | Path | None) -> dict[str, dict[str, Any]]:
-    if path is None:
-        return DEFAULT_SPACE
-    return check_space(read_mapping(path))
+SPEC_KEYS = {"categorical": {"type", "choices"}, "int": {"type", "low", "high", "step", "log"},
+             "float": {"type", "low", "high", "step", "log"}}
+
+
+def check_range(name: str, spec: dict) -> tuple:
+    """An int or float range's ends, refused when Optuna could not sample it as written."""
+    low, high, step, log = spec.get("low"), spec.get("high"), spec.get("step"), spec.get("log", False)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == v   # noqa: E731
+    if not (number(low) and number(high)) or low > high:
+        raise SpaceError(f"search space: {name} needs numbers low <= high, got {low!r} and {high!r}")
+    if FIELD_TYPES[name] is not float and spec["type"] == "float":
+        raise SpaceError(f"search space: {name} takes whole numbers or choices, not a float range")
+    if FIELD_TYPES[name] not in (int, float):
+        raise SpaceError(f"search space: {name} is not a number: search it with choices")
+    if not isinstance(log, bool):
+        raise SpaceError(f"search space: {name}'s log must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise SpaceError(f"search space: {name} is log-scaled, so low must be > 0, got {low}")
+    if spec["type"] == "int" and not all(float(v).is_integer() for v in (low, high)):
+        raise SpaceError(f"search space: {name} is an int range, got {low!r}..{high!r}")
+    if step is not None:
+        if not number(step) or step <= 0:
+            raise SpaceError(f"search space: {name}'s step must be a number above 0, got {step!r}")
+        if spec["type"] == "int" and not float(step).is_integer():
+            raise SpaceError(f"search space: {name} is an int range, so its step must be whole, got {step!r}")
+        if step > high - low and high > low:
+            raise SpaceError(f"search space: {name}'s step {step:g} is larger than its range {low:g}..{high:g}: "
+                             "it would sample one value only")
+        if log and (spec["type"] == "float" or step != 1):
+            raise SpaceError(f"search space: {name} cannot be log-scaled and stepped at once (Optuna samples "
+                             "one or the other)")
+    return low, high
+
+
+def load_space(path: str | Path | None, base: TrainConfig | None = None) -> dict[str, dict[str, Any]]:
+    """The search space in a JSON or TOML file (None: DEFAULT_SPACE), checked against `base` (check_space)."""
+    return check_space(DEFAULT_SPACE if path is None else read_mapping(path), base)
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -140,7 +187,9 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def make_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and retried once."""
+    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and retried once. Several
+    commands may open a fresh storage at the same moment: each one's first use creates the tables, so the
+    creation takes turns (a file lock for SQLite, a few tries for a database server)."""
     kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
     try:
         with warnings.catch_warnings():       # heartbeats are "experimental" in Optuna since 2.x: not news
@@ -151,13 +200,76 @@ def make_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
                     kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(1)
                 else:
                     kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=1)
-            return optuna.storages.RDBStorage(url, **kwargs)
+            with setup_lock(url):
+                for attempt in range(5):
+                    try:
+                        return optuna.storages.RDBStorage(url, **kwargs)
+                    except Exception as exc:  # noqa: BLE001 - another process created the tables first
+                        if attempt == 4 or not any(s in str(exc) for s in CREATION_RACES):
+                            raise
+                        time.sleep(0.2 * (attempt + 1))
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many kinds for a bad or unreachable URL
         if isinstance(exc, ImportError) and isinstance(exc.__cause__, ImportError):   # optuna hides which one
             reason = f"the URL's database driver is not installed ({exc.__cause__})"
         else:
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         raise ConfigError(f"cannot open the study storage {url!r}: {reason}") from None
+
+
+CREATION_RACES = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
+
+
+@contextlib.contextmanager
+def setup_lock(url: str):
+    """Hold a file lock beside a SQLite file while its tables are made (nothing for other URLs)."""
+    path = sqlite_path(url)
+    if path is None or fcntl is None or not path.parent.is_dir():
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (also a file: URI's), else None."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):].split("?")[0]
+    return Path(path[len("file:"):] if path.startswith("file:") else path) if path else None
+
+
+def check_writable(storage: optuna.storages.BaseStorage, url: str) -> None:
+    """Refuse, with one line naming the file or URL, a storage this process can read but not write: a study
+    there would fail in its first trial with a misleading error."""
+    engine = getattr(storage, "engine", None)
+    if engine is None:
+        return
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE IF NOT EXISTS lstm_studio_write_probe (x INTEGER)")
+            connection.exec_driver_sql("DROP TABLE lstm_studio_write_probe")
+    except Exception as exc:  # noqa: BLE001 - each driver words a refused write its own way
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+        path = sqlite_path(url)
+        where = f"file {path}" if path else repr(url)
+        raise ConfigError(f"cannot write the study storage {where}: {reason} (check the permissions of the "
+                          f"{'file and its folder' if path else 'database user'})") from None
+
+
+def fail_trials_of(study_name: str, url: str, pid: int) -> list[int]:
+    """Mark failed the trials that a dead worker process left RUNNING (the heartbeat would, but only after
+    its grace period); their numbers."""
+    study = optuna.load_study(study_name=study_name, storage=make_storage(url, heartbeat=False))
+    numbers = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker_pid") == pid:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            numbers.append(trial.number)
+    return numbers
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -234,7 +346,7 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     """Run trials of study `name` until it has `trials` finished ones (counted across all workers),
     `timeout` seconds pass, or a stop is requested (SIGTERM, the study's STOP file)."""
     storage = storage or default_storage(root)
-    space = check_space(space or DEFAULT_SPACE)
+    space = check_space(space or DEFAULT_SPACE, base)
     folder = study_dir(name, root)
     folder.mkdir(parents=True, exist_ok=True)
     study = open_study(name, storage, sampler, pruner, seed)

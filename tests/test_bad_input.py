@@ -8,7 +8,12 @@
 - run ids and study names with '../', '/' or absolute paths: user input never picks a path outside the
   saves root
 - uploads: not images, corrupt, empty, decompression bombs (refused by pixel count before decoding)
-- study storage URLs that cannot be reached
+- study storage URLs that cannot be reached, and storages that can be read but not written
+- search spaces that would make every trial fail (a zero step, a step beyond the range, a choice or range
+  end the config refuses, unknown keys, ranges on text or true/false fields): refused before any trial
+- more workers than the cores and memory run at once (unless --force-workers), an absent device for tune
+- saves roots that are a file or cannot be written, for every command and in the app
+- flags that do not apply to the chosen architecture (LSTM-only flags with a CNN)
 - the pages (AppTest): the Tuning, Draw and Train pages show the problem with st.error and work again once
   the input is fixed
 
@@ -90,6 +95,12 @@ BAD_FLAGS = [
     (["tune", "--study", "x", "--timeout", "-5"], "and --timeout positive"),
     (["tune", "--study", "x", "--sampler", "grid"], "invalid choice: 'grid'"),
     (["tune", "--study", "x", "--hidden-size", "0"], "hidden_size must be between 1 and 4096, got 0"),
+    (["tune", "--study", "x", "--device", "cuda:7"], "device 'cuda:7' was asked for"),
+    (["tune", "--study", "x", "--workers", "100000"], "--workers 100000 is more than this machine runs at once"),
+    (["train", "--preset", "cnn", "--seq-mode", "pixels", "--bidirectional", "--hidden-size", "7"],
+     "--seq-mode, --hidden-size, --bidirectional only apply to LSTMs, and this config trains a CNN"),
+    (["tune", "--study", "x", "--arch", "cnn", "--num-layers", "2"], "--num-layers only apply to LSTMs"),
+    (["evaluate", "/some/missing/best.pt"], "no such file or run directory: /some/missing/best.pt"),
 ]
 
 
@@ -145,12 +156,32 @@ def test_bad_config_files_exit_2(cli, saves, tmp_path, name, content, message):
     ('{"optimizer": {"type": "categorical", "choices": []}}', "optimizer needs a non-empty list of choices"),
     ("{}", "a search space must be a non-empty mapping"),
     ('{"lr": ', "is not valid JSON"),
+    # spaces that made every trial fail, hundreds a minute: refused before any trial
+    ('{"hidden_size": {"type": "int", "low": 8, "high": 16, "step": 0}}', "hidden_size's step must be a number above 0"),
+    ('{"hidden_size": {"type": "int", "low": 8, "high": 16, "step": 100}}',
+     "hidden_size's step 100 is larger than its range 8..16: it would sample one value only"),
+    ('{"optimizer": {"type": "categorical", "choices": ["lion"]}}', "with optimizer = 'lion': optimizer must be one of"),
+    ('{"seq_mode": {"type": "categorical", "choices": ["rows", "columns"]}}', "with seq_mode = 'columns'"),
+    ('{"hidden_size": {"type": "categorical", "choices": [64, 0]}}', "with hidden_size = 0: hidden_size must be between"),
+    ('{"dropout": {"type": "float", "low": 0.1, "high": 2}}', "with dropout = 2: dropout must be between 0 and 0.9"),
+    ('{"batch_size": {"type": "int", "low": 64, "high": 2048}}',
+     "with batch_size = 2048: limit_train (1000) must be at least batch_size (2048)"),
+    ('{"hidden_size": {"type": "int", "low": 8, "high": 16, "stp": 2}}', "hidden_size has an unknown key 'stp'"),
+    ('{"hidden_size": {"type": "float", "low": 8, "high": 16}}', "hidden_size takes whole numbers or choices"),
+    ('{"bidirectional": {"type": "int", "low": 0, "high": 1}}', "bidirectional is not a number: search it with choices"),
+    ('{"lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": true, "step": 1e-4}}',
+     "lr cannot be log-scaled and stepped at once"),
+    ('{"lr": {"type": "float", "low": NaN, "high": 1}}', "lr needs numbers low <= high"),
+    ('{"lr": {"type": "float", "low": 0.1, "high": 1, "log": "yes"}}', "lr's log must be true or false"),
+    ('{"hidden_size": {"type": "int", "low": 8, "high": 16, "step": 2.5}}', "so its step must be whole"),
 ], ids=["unknown-field", "log-from-zero", "low-above-high", "fractional-int", "unknown-type", "no-choices", "empty",
-        "cut-json"])
+        "cut-json", "step-zero", "step-beyond-range", "refused-choice", "refused-text-choice", "choice-out-of-bounds",
+        "range-end-out-of-bounds", "range-beyond-limit-train", "unknown-key", "float-range-on-int", "range-on-bool",
+        "log-and-step", "nan", "log-not-bool", "fractional-step"])
 def test_bad_search_spaces_are_refused(cli, saves, tmp_path, space, message):
     (tmp_path / "space.json").write_text(space)
-    refused(cli("tune", "--study", "x", "--space", tmp_path / "space.json"), message)
-    assert not any(saves.iterdir())
+    refused(cli("tune", "--study", "x", "--space", tmp_path / "space.json", "--limit-train", "1000"), message)
+    assert not any(saves.iterdir())                      # no study, no trial, no folder
 
 
 # -- paths: run ids, study names, files named on the command line ------------------------------------
@@ -325,6 +356,53 @@ def test_an_unreachable_storage_is_a_clear_error(cli, saves, url, message):
         assert f"cannot open the study storage {url!r}" in str(refusal.value) and message in str(refusal.value)
     refused(cli("tune", "--study", "x", "--storage", url), f"cannot open the study storage {url!r}")
     assert time.perf_counter() - started < 30 and not (saves / "studies").exists()
+
+
+def test_a_storage_that_cannot_be_written_is_one_line_naming_the_file(cli, saves, tmp_path):
+    path = tmp_path / "studies.db"
+    make_storage(f"sqlite:///{path}")                        # a real storage, tables and all
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"    # what a read-only file or mount gives this process
+    refused(cli("tune", "--study", "x", "--storage", read_only),
+            f"cannot write the study storage file {path}: attempt to write a readonly database")
+    assert not (saves / "studies").exists()
+
+
+# -- where runs are saved ----------------------------------------------------------------------------
+SAVES_COMMANDS = [["train", "--epochs", "1"], ["tune", "--study", "x"], ["runs"], ["evaluate", "some-run"]]
+
+
+@pytest.mark.parametrize("args", SAVES_COMMANDS, ids=[a[0] for a in SAVES_COMMANDS])
+def test_a_saves_root_that_is_a_file_is_refused_by_every_command(cli, tmp_path, args):
+    file = tmp_path / "saves.txt"
+    file.write_text("not a folder")
+    refused(cli(*args, "--saves", file), f"the saves folder {file} is a file, not a folder")
+    assert file.read_text() == "not a folder"
+
+
+def sysfs_refuses_files() -> bool:
+    try:
+        os.close(os.open("/sys/kernel/lstm-probe", os.O_CREAT | os.O_WRONLY))
+    except OSError:
+        return True
+    os.unlink("/sys/kernel/lstm-probe")
+    return False
+
+
+@pytest.mark.skipif(not sysfs_refuses_files(), reason="needs a /sys that refuses new files")
+@pytest.mark.parametrize("args", SAVES_COMMANDS[:2], ids=[a[0] for a in SAVES_COMMANDS[:2]])
+def test_a_saves_root_that_cannot_be_written_is_refused_before_anything_starts(cli, args):
+    """sysfs refuses new files even to root: a folder this process cannot write into, as a read-only mount is."""
+    code, err, _ = cli(*args, "--saves", "/sys/kernel")
+    assert code == 2 and err.startswith("error: cannot write to the saves folder /sys/kernel: ")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_app_shows_a_bad_saves_root_in_the_clis_words(tmp_path, monkeypatch):
+    file = tmp_path / "saves.txt"
+    file.write_text("")
+    monkeypatch.setenv("LSTM_SAVES", str(file))
+    at = no_traceback(AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120).run())
+    assert f"the saves folder {file} is a file, not a folder" in errors(at)
 
 
 # -- the pages ---------------------------------------------------------------------------------------

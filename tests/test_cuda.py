@@ -164,3 +164,16 @@ def test_two_runs_on_one_gpu_take_turns(tmp_path):
     assert a["ended_at"] <= b["started_at"]                           # never both on the GPU at once
     assert a["device"] == b["device"] == "cuda:0"
     assert any("busy with run" in err and "queued" in err for _, err in outs)
+
+
+def test_the_benchmarks_roofline_stays_below_the_gpus_peak(mnist):
+    """Every row is held to the GEMM peak of the dtype its LSTM computes in: a fraction at or above 1 means
+    a FLOP count or a peak is wrong."""
+    from lstm_core import bench
+
+    device = torch.device("cuda")
+    peak = bench.peak_flops(device, seconds=0.3)
+    for name in ("default", "cnn"):
+        for variant, config in bench.variants(preset(name).replace(device="cuda"), device):
+            row = bench.train_row(name, variant, config, mnist, 20 * config.batch_size, peak, log_every=5)
+            assert 0 < row["roofline"] < 1, row

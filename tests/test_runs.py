@@ -197,3 +197,16 @@ def test_checkpoints_hold_every_random_stream_on_the_cpu(finished):
     run, _ = finished
     last = torch.load(run.last_path, weights_only=True)
     assert set(last["rng"]) == {"torch", "generator", "cuda"} and last["rng"]["cuda"] is None   # a CPU run
+
+
+def test_a_line_torn_by_a_kill_is_cut_before_a_resumed_run_appends(tmp_path, mnist):
+    config = tiny_config(epochs=3, log_every=1)
+    run = create_run(config, tmp_path)
+    stop = threading.Event()
+    fit(config, [RunRecorder(run), StopAt(stop, 1, 5)], stop=stop, data=mnist)
+    with open(run.metrics_path, "a") as f:
+        f.write('{"event": "batch", "epoch": 2, "lo')                   # killed in the middle of a write
+    fit(config, [RunRecorder(run)], data=mnist, resume=resume_checkpoint(run))
+    lines = run.metrics_path.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)                     # every line parses: none glued to the tear
+    assert [r["epoch"] for r in run.epochs()] == [1, 2, 3]

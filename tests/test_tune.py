@@ -141,14 +141,51 @@ def test_a_worker_stops_after_a_few_failed_trials_in_a_row():
 
 
 def test_a_study_whose_every_trial_fails_ends_with_one_line_not_a_runaway(saves, tmp_path):
-    """Whatever makes each trial fail (here the trial's config refuses every choice), the worker stops."""
+    """Each value is valid on its own (the space passes its check), but together they make no valid config:
+    whatever makes every trial fail, the worker stops after a few."""
     doomed = tmp_path / "doomed.json"
-    doomed.write_text(json.dumps({"batch_size": {"type": "int", "low": 1500, "high": 1600}}))  # > limit_train
-    result = tune(saves, "--study", "doomed", "--trials", 50, "--space", doomed, *SMALL)
+    doomed.write_text(json.dumps({"limit_train": {"type": "categorical", "choices": [1000]},
+                                  "batch_size": {"type": "categorical", "choices": [1500]}}))
+    result = tune(saves, "--study", "doomed", "--trials", 50, "--space", doomed, "--epochs", "1")
     assert result.returncode == 1
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert error == [f"error: study doomed: stopped after {MAX_FAILURES_IN_A_ROW} failed trials in a row; the last "
-                     "(trial 2) failed with ConfigError: limit_train (1000) must be at least batch_size "
-                     f"({optuna.load_study(study_name='doomed', storage=storage_of(saves)).trials[2].params['batch_size']})"]
+                     "(trial 2) failed with ConfigError: limit_train (1000) must be at least batch_size (1500)"]
     study = optuna.load_study(study_name="doomed", storage=storage_of(saves))
     assert [t.state.name for t in study.trials] == ["FAIL"] * MAX_FAILURES_IN_A_ROW
+    assert not list((saves / "studies" / "doomed").glob("trial_*"))      # no folder for a config that never was
+
+
+def test_commands_started_together_on_a_fresh_storage_all_join_the_study(saves, space):
+    env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
+    args = [sys.executable, "-m", "lstm_core", "tune", "--study", "together", "--trials", "3", "--space", str(space),
+            *SMALL, "--epochs", "1"]
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-1500:] for _, err in results]
+    study = optuna.load_study(study_name="together", storage=storage_of(saves))
+    assert len({t.user_attrs["worker_pid"] for t in study.trials}) == 3          # each command ran a trial
+
+
+def test_a_killed_worker_process_has_its_trial_failed_before_the_command_reports(saves, space):
+    env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
+    long_trial = [a if a != "2" else "200" for a in SMALL]
+    command = subprocess.Popen([sys.executable, "-m", "lstm_core", "tune", "--study", "dk", "--trials", "4",
+                                "--workers", "2", "--space", str(space), *long_trial], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = saves / "studies" / "dk"
+    deadline = time.time() + 180
+    while time.time() < deadline and len([m for m in folder.glob("trial_*/metrics.jsonl")
+                                          if '"event": "epoch"' in m.read_text()]) < 2:
+        time.sleep(0.3)
+    child = json.loads((folder / "workers.json").read_text())["workers"][0]["pid"]   # not the command itself
+    os.kill(child, signal.SIGKILL)
+    (folder / "STOP").touch()                                        # and stop the study
+    out, err = command.communicate(timeout=300)
+    assert command.returncode == 1
+    study = optuna.load_study(study_name="dk", storage=storage_of(saves))
+    (victim,) = [t for t in study.trials if t.user_attrs["worker_pid"] == child]
+    assert victim.state == optuna.trial.TrialState.FAIL                # at once, not after the heartbeat's grace
+    assert f"worker {child} ended with status -9 in trial {victim.number}: marked failed" in err
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
