@@ -50,9 +50,16 @@ def training_devices(config: TrainConfig) -> list[str]:
         devices = candidate_devices(config.device)
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from None
-    for device in devices:
-        policy_for(config.amp, torch.device(device), config.arch)   # raises AmpUnsupported, a ConfigError
-    return devices
+    usable, refusals = [], []
+    for device in devices:          # on a host of mixed GPUs, `auto` keeps those that run the amp mode
+        try:
+            policy_for(config.amp, torch.device(device), config.arch)
+            usable.append(device)
+        except ConfigError as exc:   # AmpUnsupported
+            refusals.append(exc)
+    if not usable:
+        raise refusals[0]
+    return usable
 
 
 def lock_path(device: str, root: str | Path | None = None) -> Path:

@@ -20,8 +20,8 @@ import streamlit as st
 
 from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, ConfigError, preset
 from lstm_core.plots import confusion_figure, per_class_figure
-from lstm_core.runs import RunError, atomic_write_json, run_at, safe_name, saves_root
-from lstm_core.tune import (DEFAULT_SPACE, PRUNERS, SAMPLERS, check_space, default_storage, launch_study,
+from lstm_core.runs import RunError, atomic_write_json, check_saves, run_at, safe_name, saves_root
+from lstm_core.tune import (DEFAULT_SPACE, PRUNERS, SAMPLERS, check_space, check_writable, default_storage, launch_study,
                             make_storage, request_study_stop, state_counts, study_dir, study_summaries, trial_rows,
                             worker_pids)
 from pagekit import leave_legacy_navigation
@@ -170,6 +170,12 @@ def launch_form(storage: str | None) -> None:
               disabled=storage is None or args is None)
     if st.session_state.pop("tune_request", None) == ("launch",) and args is not None:
         name = st.session_state.tune_name
+        try:        # at the click, not every refresh: the probe writes, and running workers write too
+            check_saves()
+            check_writable(storage_at(storage), storage)
+        except (RunError, ConfigError) as exc:
+            st.error(str(exc))
+            return
         folder = study_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "space.json", space)

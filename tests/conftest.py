@@ -20,6 +20,7 @@ except ImportError:    # the GPU check's bare machine has torch, numpy and pytes
 from lstm_core import TrainConfig
 from lstm_core.config import NO_AUGMENTATION
 from lstm_core.data import load_mnist
+from lstm_core.train import Callback
 
 REPO = Path(__file__).resolve().parent.parent
 # The real data, loaded once into the repository's saves/data (IDX files after the first load).
@@ -65,6 +66,17 @@ def tiny_config(**changes) -> TrainConfig:
     base = dict(hidden_size=48, epochs=2, batch_size=50, limit_train=2000, val_size=1000, lr=1e-2,
                 optimizer="adam", scheduler="none", log_every=10, **NO_AUGMENTATION)
     return TrainConfig(**{**base, **changes})
+
+
+class StopAt(Callback):
+    """A fit callback that sets `stop` when training reaches batch `batch` of epoch `epoch` + 1."""
+
+    def __init__(self, stop, epoch, batch):
+        self.stop, self.epoch, self.batch = stop, epoch, batch
+
+    def on_batch(self, state, record):
+        if state.epoch == self.epoch and state.batch == self.batch:
+            self.stop.set()
 
 
 @pytest.fixture(scope="session")

@@ -437,6 +437,17 @@ def test_the_tuning_page_shows_an_unreachable_storage_and_recovers(saves, url):
     assert any("No studies in this storage yet" in i.value for i in at.info)
 
 
+def test_the_tuning_page_refuses_to_launch_into_a_storage_it_cannot_write(saves, tmp_path):
+    path = tmp_path / "studies.db"
+    make_storage(f"sqlite:///{path}")
+    at = open_page("tuning.py")
+    no_traceback(at.text_input(key="tune_storage").set_value(f"sqlite:///file:{path}?mode=ro&uri=true").run())
+    assert not at.error                                          # reading it is fine
+    no_traceback(button(at, "Launch study").click().run())
+    assert f"cannot write the study storage file {path}: attempt to write a readonly database" in errors(at)
+    assert not (saves / "studies").exists()                     # nothing launched, nothing written
+
+
 @pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/b"], ids=["dotdot", "absolute", "slash"])
 def test_the_tuning_page_refuses_a_study_name_that_leaves_the_saves_root(saves, name):
     at = no_traceback(open_page("tuning.py").text_input(key="tune_name").set_value(name).run())

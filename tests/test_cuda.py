@@ -10,13 +10,13 @@ import threading
 import pytest
 import torch
 
-from conftest import DATA_DIR, REPO, tiny_config
+from conftest import DATA_DIR, REPO, StopAt, tiny_config
 from lstm_core.config import PRESETS, preset
 from lstm_core.devices import CUDNN_LSTM_AUTOCAST_DTYPE, AmpUnsupported, amp_policy, cuda_capability, policy_for
 from lstm_core.evaluate import autocast
 from lstm_core.models import build_model
 from lstm_core.runs import RunRecorder, create_run, resume_checkpoint
-from lstm_core.train import Callback, fit, prepare, train_step
+from lstm_core.train import fit, prepare, train_step
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -94,15 +94,6 @@ def test_a_training_step_never_waits_for_the_gpu(name, amp, mnist):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss).item() and 0 <= correct.item() <= size
-
-
-class StopAt(Callback):
-    def __init__(self, stop, epoch, batch):
-        self.stop, self.epoch, self.batch = stop, epoch, batch
-
-    def on_batch(self, state, record):
-        if state.epoch == self.epoch and state.batch == self.batch:
-            self.stop.set()
 
 
 def test_resuming_on_the_gpu_gives_the_same_run_as_never_stopping(tmp_path, mnist):

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import StopAt, tiny_config
 from lstm_core.config import TrainConfig
 from lstm_core.data import make_splits
 from lstm_core.evaluate import evaluate
@@ -98,15 +98,6 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path):
         atomic_torch_save({"a": lambda: 0}, path)  # cannot be pickled
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-
-
-class StopAt(Callback):
-    def __init__(self, stop, epoch, batch):
-        self.stop, self.epoch, self.batch = stop, epoch, batch
-
-    def on_batch(self, state, record):
-        if state.epoch == self.epoch and state.batch == self.batch:
-            self.stop.set()
 
 
 def test_a_stop_mid_epoch_keeps_the_last_epoch_checkpoint_and_reads_cancelled(tmp_path, mnist):
