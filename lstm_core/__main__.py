@@ -300,11 +300,11 @@ def command_tune(args: argparse.Namespace) -> int:
     if args.workers is None:                   # one worker per GPU that `auto` may take, else one
         args.workers = len(devices) if base.device == "auto" and devices[0] != "cpu" else 1
     space = load_space(args.space, base)
-    if not args.worker:
-        check_workers(args.workers, devices, args.force_workers)
-    check_saves(args.saves)                     # the default SQLite file and the trials' folders live there
     storage = args.storage or default_storage(args.saves)
-    check_writable(make_storage(storage), storage)   # an unreachable, malformed or read-only storage fails here
+    if not args.worker:                         # (a --workers child: its parent checked all this already)
+        check_workers(args.workers, devices, args.force_workers)
+        check_saves(args.saves)                 # the default SQLite file and the trials' folders live there
+        check_writable(make_storage(storage), storage)   # an unreachable, malformed or read-only storage fails here
     if base.num_threads == 0:                   # K workers share the cores instead of fighting over them
         base = base.replace(num_threads=max(1, (os.cpu_count() or 1) // args.workers))
     stop = threading.Event()

@@ -263,16 +263,21 @@ def augment_spans(config: TrainConfig) -> list[float]:
 def warp(images01: torch.Tensor, u: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """Each image through its own affine map, u (B, 5) of random_maps, by bilinear sampling."""
     b = images01.shape[0]
-    scaled = u * torch.tensor(augment_spans(config))
-    if images01.device.type == "cuda":       # pinned and asynchronous: a plain .to() would block every batch
-        scaled = scaled.pin_memory().to(images01.device, non_blocking=True)
-    angle, shear, zoom, tx, ty = scaled.to(images01.device).unbind(1)
+    angle, shear, zoom, tx, ty = to_device(u * torch.tensor(augment_spans(config)), images01.device).unbind(1)
     cos, sin, tan, scale = torch.cos(angle), torch.sin(angle), torch.tan(shear), 1 + zoom
     # inverse map (output pixel -> input pixel): rotate, shear along x, then scale
     theta = torch.stack([cos / scale, (tan * cos - sin) / scale, tx,
                          sin / scale, (cos + tan * sin) / scale, ty], 1).view(b, 2, 3)
     grid = (base_grid(images01.device) @ theta.transpose(1, 2)).view(b, 28, 28, 2)  # = F.affine_grid
     return F.grid_sample(images01.unsqueeze(1), grid, align_corners=False, padding_mode="zeros").squeeze(1)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: to a GPU through pinned memory, asynchronously
+    (a plain .to() from pageable memory blocks until the copy is done, every batch)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 _base_grids: dict[torch.device, torch.Tensor] = {}

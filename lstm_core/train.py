@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig
-from .data import MNIST, Splits, batch_input, load_mnist, make_splits
+from .data import MNIST, Splits, batch_input, load_mnist, make_splits, to_device
 from .devices import AmpPolicy, keep_freed_memory, policy_for, resolve_device
 from .evaluate import autocast, evaluate
 from .fused import flush_denormals
@@ -330,14 +330,6 @@ def train_step(state: FitState, splits: Splits, idx: torch.Tensor) -> tuple[torc
     if config.scheduler in PER_BATCH_SCHEDULERS:
         state.scheduler.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device` without making the host wait: to a GPU through pinned memory, asynchronously
-    (a plain .to() from pageable memory blocks until the copy is done)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def reseed_cudnn_dropout(device: torch.device) -> None:

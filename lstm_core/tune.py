@@ -298,7 +298,7 @@ def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | P
                     run.write_status(state="cancelled", ended_at=time.time())
                     raise optuna.TrialPruned("the study was stopped while the trial waited for its device")
                 history = fit(config, [RunRecorder(run), pruning], stop=stop, device=device)
-        except (optuna.TrialPruned, KeyboardInterrupt):
+        except optuna.TrialPruned:
             raise
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")

@@ -15,6 +15,9 @@ from lstm_core.tune import MAX_FAILURES_IN_A_ROW, FailureStreak
 
 SMALL = ["--limit-train", "1000", "--val-size", "500", "--epochs", "2", "--batch-size", "100",
          "--aug-rotate", "0", "--aug-translate", "0", "--aug-scale", "0"]
+# two workers share a study only if a trial outlasts a second worker's start (importing torch, loading the
+# data): on a fast CPU a 1,000-sample trial does not, and the first worker finishes the study alone
+SHARED = ["--limit-train", "8000", *SMALL[2:]]
 SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 32},
          "lr": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True},
          "optimizer": {"type": "categorical", "choices": ["adam", "adamw"]}}
@@ -62,7 +65,7 @@ def test_a_study_completes_resumes_and_keeps_a_run_directory_per_trial(saves, sp
 
 
 def test_two_workers_share_one_study(saves, space):
-    result = tune(saves, "--study", "w2", "--trials", 4, "--workers", 2, "--space", space, *SMALL)
+    result = tune(saves, "--study", "w2", "--trials", 4, "--workers", 2, "--space", space, *SHARED)
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="w2", storage=storage_of(saves))
     finished = [t for t in study.trials if t.state.is_finished()]
@@ -107,7 +110,7 @@ def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(save
 
 def test_two_workers_on_postgresql(saves, space, postgres_url):
     result = tune(saves, "--study", "pg", "--trials", 4, "--workers", 2, "--storage", postgres_url, "--space", space,
-                  *SMALL, "--json")
+                  *SHARED, "--json")
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="pg", storage=postgres_url)
     finished = [t for t in study.trials if t.state.is_finished()]
