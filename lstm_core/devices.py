@@ -160,16 +160,3 @@ def resolve_device(name: str) -> torch.device:
         raise RuntimeError("device 'mps' was asked for, but Apple's MPS backend is not available here")
     return device
 
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing it back to the OS, which made every
-    training step fault in its tensors' pages afresh (torch's CPU allocator does not cache). This is what
-    PyTorch's CPU tuning guide gets from jemalloc or tcmalloc. Training processes call it; True if set."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30))
-    except (OSError, AttributeError):   # not glibc (macOS, Windows, musl without mallopt)
-        return False

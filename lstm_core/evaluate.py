@@ -10,6 +10,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from . import cpu
 from .config import TrainConfig
 from .data import batch_input
 
@@ -27,6 +28,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, config: TrainConfig,
                    batch_size: int = 1000, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
     """uint8 images (N, 28, 28) on the model's device -> fp32 logits (N, 10), every sample included."""
+    if images.device.type == "cpu":
+        cpu.accelerate(model)
     was_training = model.training
     model.eval()
     out = []

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench
+from . import bench, cpu
 from .config import preset
 from .data import DataUnavailable, load_mnist
 from .devices import policy_for, resolve_device
@@ -201,7 +201,7 @@ def device_info(device: torch.device) -> dict:
         info.update(gpu=props.name, memory_gib=props.total_memory / 2**30, capability=f"{props.major}.{props.minor}",
                     cudnn=torch.backends.cudnn.version())
     else:
-        info.update(threads=torch.get_num_threads(), fused_lstm=bench.fused.available())
+        info.update(threads=torch.get_num_threads(), fused_lstm=cpu.available())
     info["amp_auto"] = {arch: policy_for("auto", device, arch).note for arch in ("lstm", "cnn")}
     return info
 

@@ -1,12 +1,17 @@
-"""Background training processes: launch, one run per device at a time, stop, delete.
+"""Background processes, runs and tuning studies alike: launch, one run per device at a time, stop,
+liveness, delete.
 
     run = launch_training(config)      # a queued run directory and a detached `python -m lstm_core train`
     request_stop(run)                  # cooperative: the run ends as cancelled, checkpoints saved
+    launch_study(args, "s1", storage)  # a detached `python -m lstm_core tune ARGS`; running at once
+    study_running("s1")                # from the pids in the study's workers.json
+    request_study_stop("s1")           # every worker stops after its current batch
 
 A run holds an exclusive lock on its device (a file lock in SAVES/locks, released by the kernel when the
 process ends, however it ends). A second run for the same device waits, `queued`, until the first ends;
 a run for `auto` on a host with several GPUs takes the first free one. Tuning trials take the same locks
-(device_lock says how).
+(device_lock says how). A STOP file in a run's or a study's folder asks it to stop between batches, and
+still does after a restart of whatever wrote it.
 """
 from __future__ import annotations
 
@@ -18,19 +23,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
+from .checkpoints import resume_checkpoint
 from .config import ConfigError, TrainConfig
 from .devices import candidate_devices, policy_for
 from .runs import (LIVE_STATES, Run, RunError, atomic_write_json, create_run, process_alive, process_start_time,
-                   read_json_object, resume_checkpoint, saves_root)
+                   read_json_object, saves_root, study_dir, try_lock, unlock)
 
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; runs on one device are then not serialized
-    fcntl = None
-
-STOP_FILE = "STOP"
+STOP_FILE = "STOP"             # in a run's or a study's folder: stop between batches
+WORKERS_FILE = "workers.json"  # in a study's folder: the pids of its worker processes, and its storage
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -100,9 +102,6 @@ def device_lock(devices: str | list[str], owner: str, root: str | Path | None = 
     each other (`shared`: the study's workers split its cores), and a run waiting for the CPU goes before
     trials that have not started yet."""
     devices = [devices] if isinstance(devices, str) else list(devices)
-    if fcntl is None:
-        yield devices[0]
-        return
     handles = []
     try:
         for device in devices:
@@ -114,9 +113,7 @@ def device_lock(devices: str | list[str], owner: str, root: str | Path | None = 
             for device, handle in zip(devices, handles):
                 if shared and waiting_run(device, root):
                     continue
-                try:
-                    fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not try_lock(handle, shared):
                     continue
                 held = (device, handle)
                 break
@@ -143,7 +140,7 @@ def device_lock(devices: str | list[str], owner: str, root: str | Path | None = 
             handle.seek(0)
             handle.truncate()
             handle.flush()
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            unlock(handle)
     finally:
         if not shared:
             mark_waiting(devices, None, root)
@@ -169,10 +166,11 @@ def waiting_run(device: str, root: str | Path | None = None) -> bool:
 
 
 class StopRequest:
-    """True once a signal set `event`, or someone wrote the run's STOP file (works across restarts)."""
+    """True once a signal set `event`, or someone wrote the STOP file in `folder`, a run's or a study's
+    (works across restarts)."""
 
-    def __init__(self, run: Run, event):
-        self.path = run.path / STOP_FILE
+    def __init__(self, folder: Path, event):
+        self.path = Path(folder) / STOP_FILE
         self.event = event
 
     def __call__(self) -> bool:
@@ -200,16 +198,17 @@ def launch_resume(run: Run, root: str | Path | None = None) -> None:
 def start_process(run: Run, how: str, root: str | Path | None) -> None:
     process = spawn_detached(["train", how, str(run.path), "--saves", str(saves_root(root))], run.path / "train.log")
     run.write_status(pid=process.pid, pid_start=process_start_time(process.pid))
-    _CHILDREN.append(process)
-    reap()
 
 
 def spawn_detached(args: list[str], log_path: Path) -> subprocess.Popen:
     """`python -m lstm_core ARGS` in a session of its own (a closed tab, a page switch or a Streamlit
     restart leaves it running), its output appended to log_path."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "lstm_core", *args], cwd=REPO, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen([sys.executable, "-m", "lstm_core", *args], cwd=REPO, stdin=subprocess.DEVNULL,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _CHILDREN.append(process)
+    reap()
+    return process
 
 
 _CHILDREN: list[subprocess.Popen] = []
@@ -236,3 +235,77 @@ def delete_run(run: Run) -> None:
     if state in LIVE_STATES:
         raise RunError(f"run {run.id} is still {state}: stop it before deleting it")
     shutil.rmtree(run.path)
+
+
+# -- tuning studies ----------------------------------------------------------------------------
+def launch_study(args: list[str], name: str, storage: str, root: str | Path | None = None) -> subprocess.Popen:
+    """Start `python -m lstm_core tune ARGS` (ARGS name the study `name` in `storage`) detached: a refresh
+    or another user does not stop it. It counts as running from here on, before it has loaded anything."""
+    folder = study_dir(name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STOP_FILE).unlink(missing_ok=True)
+    process = spawn_detached(["tune", *args, "--saves", str(saves_root(root))], folder / "tune.log")
+    record_workers(folder, [process.pid], storage)     # the command rewrites it once it starts its workers
+    return process
+
+
+def start_workers(argv: list[str], workers: int, name: str, storage: str,
+                  root: str | Path | None = None) -> list[subprocess.Popen]:
+    """The `workers - 1` children of a tune command (`python -m lstm_core ARGV --worker`; the command is
+    the last worker), recorded with it in the study's workers.json. An old STOP file is cleared first."""
+    folder = study_dir(name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STOP_FILE).unlink(missing_ok=True)
+    children = [subprocess.Popen([sys.executable, "-m", "lstm_core", *argv, "--worker"]) for _ in range(workers - 1)]
+    record_workers(folder, [*(p.pid for p in children), os.getpid()], storage)
+    return children
+
+
+def wait_workers(children: Iterable[subprocess.Popen]) -> Iterator[subprocess.Popen]:
+    """Wait for each child of start_workers in turn, yielding each that failed (a nonzero exit status) as
+    soon as it is known."""
+    for child in children:
+        if child.wait() != 0:
+            yield child
+
+
+def record_workers(folder: Path, pids: list[int], storage: str) -> None:
+    atomic_write_json(folder / WORKERS_FILE, {"workers": [{"pid": pid, "pid_start": process_start_time(pid)}
+                                                          for pid in pids], "storage": storage})
+
+
+def study_workers(name: str, root: str | Path | None = None) -> list[int]:
+    """The pids of the study's worker processes that are alive."""
+    return live_pids(read_json_object(study_dir(name, root) / WORKERS_FILE))
+
+
+def study_running(name: str, root: str | Path | None = None) -> bool:
+    return bool(study_workers(name, root))
+
+
+def running_studies(storage: str | None = None, root: str | Path | None = None) -> list[str]:
+    """The names of the studies with a live worker (only those in `storage`, when given), including one
+    launched that has not created its study in the storage yet."""
+    base = saves_root(root) / "studies"
+    names = []
+    for path in sorted(base.glob(f"*/{WORKERS_FILE}")) if base.is_dir() else []:
+        info = read_json_object(path)
+        if (storage is None or info.get("storage") == storage) and live_pids(info):
+            names.append(path.parent.name)
+    return names
+
+
+def live_pids(workers: dict) -> list[int]:
+    """The pids in a workers.json whose processes are alive (a pid reused since is not)."""
+    return [w["pid"] for w in workers.get("workers", []) if process_alive(w.get("pid"), w.get("pid_start"))]
+
+
+def request_study_stop(name: str, root: str | Path | None = None) -> None:
+    """Ask every worker of the study to stop after its current batch (the STOP file is read between
+    batches and between trials)."""
+    folder = study_dir(name, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / STOP_FILE).touch()
+    for pid in study_workers(name, root):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)

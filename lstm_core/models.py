@@ -1,4 +1,6 @@
-"""The classifiers. Pure modules: no devices, no I/O; rebuilt from a TrainConfig with build_model.
+"""The classifiers. Pure modules in plain torch: no devices, no I/O; rebuilt from a TrainConfig with
+build_model. (On a CPU, training and prediction hand the model to cpu.accelerate, which computes its
+nn.LSTM in a faster kernel with the same parameters and results.)
 
 Shapes: B batch, T time steps, F features per step, H hidden size, D directions (1 or 2).
 """
@@ -8,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .fused import Dropout, run_lstm
+from .devices import CUDNN_LSTM_AUTOCAST_DTYPE, cpu_has_bf16
 
 
 CHRONO_FROM_STEPS = 100     # sequences at least this long get the chrono initialisation
@@ -20,7 +22,7 @@ def init_gate_biases(lstm: nn.LSTM, steps: int) -> None:
     Short sequences (rows, 28 steps): forget bias 1 (Jozefowicz et al. 2015). Long ones (pixels, 784
     steps): chrono initialisation (Tallec & Ollivier 2018), forget bias log(U(1, steps - 1)) and input
     bias its negative, so the units' memory spans range up to the whole sequence. With bias 1, sequential
-    MNIST sits at chance for thousands of updates; with chrono a 20,000-image epoch reaches 23% where bias 1 gives 12%."""
+    MNIST sits at chance for thousands of updates; chrono gets it learning within the first epoch."""
     hidden, chrono = lstm.hidden_size, steps >= CHRONO_FROM_STEPS
     with torch.no_grad():
         for name, bias in lstm.named_parameters():                  # gate order: input, forget, cell, output
@@ -34,6 +36,12 @@ def init_gate_biases(lstm: nn.LSTM, steps: int) -> None:
                 bias[hidden:2 * hidden].fill_(1.0)
 
 
+def outside_autocast(dtype: torch.dtype) -> bool:
+    """Whether a CUDA LSTM under autocast to `dtype` runs in fp32 outside it: under bf16, cuDNN's LSTM would
+    compute in fp16 (devices.CUDNN_LSTM_AUTOCAST_DTYPE) with no loss scaling, so it keeps fp32 (TF32) instead."""
+    return dtype == torch.bfloat16 and CUDNN_LSTM_AUTOCAST_DTYPE != torch.bfloat16
+
+
 class LSTMClassifier(nn.Module):
     """An LSTM reading an image as a sequence (rows or pixels), classified from its last step.
 
@@ -45,12 +53,25 @@ class LSTMClassifier(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
         init_gate_biases(self.lstm, steps)
 
+    def run_lstm(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """self.lstm(x), in fp32 outside autocast where autocast would compute it in a dtype that cannot or
+        must not be used: out (B, T, D*H), (h_n, c_n) (layers*D, B, H)."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_bf16():
+            # oneDNN has no bf16 LSTM on CPUs without AVX-512 BF16 or AMX (it raises): this layer runs in fp32
+            with torch.autocast("cpu", enabled=False):
+                return self.lstm(x.float())
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and outside_autocast(
+                torch.get_autocast_dtype("cuda")):
+            with torch.autocast("cuda", enabled=False):
+                return self.lstm(x.float())
+        return self.lstm(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, (h_n, _) = run_lstm(self.lstm, x)        # out (B, T, D*H); h_n (layers*D, B, H)
+        out, (h_n, _) = self.run_lstm(x)              # out (B, T, D*H); h_n (layers*D, B, H)
         if self.lstm.bidirectional:
             last = torch.cat([h_n[-2], h_n[-1]], 1)   # (B, 2H): forward's and backward's final states
         else:
@@ -59,7 +80,7 @@ class LSTMClassifier(nn.Module):
 
     def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output at every step, (B, T, D*H)."""
-        return run_lstm(self.lstm, x)[0]
+        return self.run_lstm(x)[0]
 
     def logits_from_states(self, out: torch.Tensor) -> torch.Tensor:
         """forward(x) from hidden_states(x), (B, T, D*H) -> (B, 10), without running the LSTM again: the
@@ -68,12 +89,13 @@ class LSTMClassifier(nn.Module):
         last = torch.cat([out[:, -1, :hidden], out[:, 0, hidden:]], 1) if self.lstm.bidirectional else out[:, -1]
         return self.head(self.dropout(last))
 
-    def forward_steps(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits after every time step, (B, T, 10): what the model would answer had the image ended
-        there. Unidirectional models only (a backward pass has read the whole image at every step)."""
+    def logits_per_step(self, out: torch.Tensor) -> torch.Tensor:
+        """Logits after every time step from hidden_states(x), (B, T, D*H) -> (B, T, 10): what the model would
+        answer had the image ended there. Unidirectional models only (a backward pass has read the whole
+        image at every step)."""
         if self.lstm.bidirectional:
             raise ValueError("per-step logits need a unidirectional LSTM; this one is bidirectional")
-        return self.head(self.dropout(self.hidden_states(x)))
+        return self.head(self.dropout(out))
 
 
 class CNNClassifier(nn.Module):

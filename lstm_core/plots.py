@@ -1,5 +1,6 @@
-"""Plotly figures of runs, shared by the pages (no Streamlit here): curves, running loss, confusion matrix,
-overlays of several runs."""
+"""Every plotly figure the pages draw (no Streamlit here): a run's curves and running loss, confusion
+matrices, per-class metrics, overlays of several runs, the Draw page's reading of a digit, and a study's
+Optuna plots."""
 from __future__ import annotations
 
 # Plotly uses numpy and pandas only if they are in sys.modules, without importing them: while another
@@ -8,6 +9,7 @@ from __future__ import annotations
 import numpy  # noqa: F401
 import pandas  # noqa: F401
 import plotly.graph_objects as go
+from plotly.colors import get_colorscale
 from plotly.subplots import make_subplots
 
 TRAIN, VAL = "#1f77b4", "#ff7f0e"
@@ -106,3 +108,126 @@ def confusion_difference_figure(cm_a: list[list[int]], cm_b: list[list[int]], ti
     fig.update_xaxes(title_text="predicted digit", type="category", side="top")
     fig.update_layout(title=title or None, height=height, margin={"l": 10, "r": 10, "t": 60 if title else 40, "b": 10})
     return fig
+
+
+# -- the Draw page's reading of a digit --------------------------------------------------------------
+# Built from plain dicts and not validated: these four charts are redrawn on every stroke, and plotly's
+# validation of them costs the server more time per stroke than the model's answer. st.plotly_chart
+# validates a dict it is given, and takes a Figure as valid: hence a Figure built without validation.
+# Validation is also what turns a colorscale's name into colours, so that is done here, once.
+SCALES = {name: get_colorscale(name) for name in ("gray", "Blues", "RdBu")}
+TOP, OTHER = "#ff4b4b", "#8da4c4"
+BARS_MARGIN = {"l": 10, "r": 10, "t": 30, "b": 10}
+HEATMAP_MARGIN = {"l": 10, "r": 10, "t": 70, "b": 10}   # room on top for the title and the top x axis
+MAX_HIDDEN_SHOWN = 64       # hidden units in the activation heatmap (the most varying ones beyond this)
+
+
+def skips_validation() -> bool:
+    """Whether this plotly builds a Figure unvalidated when asked to: `_validate=False` is private, and a
+    plotly without it refuses the keyword (TypeError), or may one day take it for a property (ValueError)."""
+    try:
+        go.Figure({"data": [{"type": "bar", "y": [1]}]}, _validate=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+UNVALIDATED = skips_validation()
+
+
+def unvalidated(spec: dict) -> go.Figure:
+    """A Figure of a plain dict, not validated where this plotly allows it, else validated (slower, the
+    same figure)."""
+    return go.Figure(spec, _validate=False) if UNVALIDATED else go.Figure(spec)
+
+
+def dict_figure(trace: dict, height: int, margin: dict, xaxis: dict, yaxis: dict, **layout) -> go.Figure:
+    return unvalidated({"data": [trace], "layout": {"height": height, "margin": margin, "xaxis": xaxis,
+                                                    "yaxis": yaxis, **layout}})
+
+
+def input_figure(image) -> go.Figure:
+    """The (28, 28) model input (a tensor or an array), as the model sees it: white ink on black."""
+    trace = {"type": "heatmap", "z": image.tolist(), "colorscale": SCALES["gray"], "zmin": 0, "zmax": 1,
+             "showscale": False, "hovertemplate": "row %{y}, column %{x}: %{z:.2f}<extra></extra>"}
+    return dict_figure(trace, 210, {"l": 0, "r": 0, "t": 0, "b": 0}, {"visible": False, "constrain": "domain"},
+                       {"visible": False, "autorange": "reversed", "scaleanchor": "x", "constrain": "domain"})
+
+
+def probability_figure(probabilities: list[float], digit: int) -> go.Figure:
+    """The ten class probabilities as bars, the predicted `digit` highlighted."""
+    trace = {"type": "bar", "x": DIGITS, "y": list(probabilities),
+             "marker": {"color": [TOP if d == digit else OTHER for d in range(10)]},
+             "text": [f"{p:.0%}" if p >= 0.005 else "" for p in probabilities],
+             "textposition": "outside", "hovertemplate": "digit %{x}: %{y:.2%}<extra></extra>"}
+    return dict_figure(trace, 280, BARS_MARGIN, {"title": {"text": "digit"}, "type": "category"},
+                       {"title": {"text": "probability"}, "range": [0, 1.12], "tickformat": ".0%"}, showlegend=False)
+
+
+def steps_figure(steps: list[list[float]], unit: str) -> go.Figure:
+    """Class probabilities after each step (T, 10): how the belief forms as the LSTM reads the image."""
+    trace = {"type": "heatmap", "z": steps, "x": DIGITS, "y": list(range(1, len(steps) + 1)),
+             "colorscale": SCALES["Blues"], "zmin": 0, "zmax": 1,
+             "colorbar": {"title": {"text": "p"}, "tickformat": ".0%"},
+             "hovertemplate": f"after {unit} %{{y}}<br>digit %{{x}}: %{{z:.1%}}<extra></extra>"}
+    return dict_figure(trace, 460, HEATMAP_MARGIN, {"title": {"text": "digit"}, "type": "category", "side": "top"},
+                       {"title": {"text": f"{unit} read"}, "autorange": "reversed"},
+                       title={"text": "Belief after each step", "y": 0.99})
+
+
+def most_varying(hidden: list[list[float]], limit: int = MAX_HIDDEN_SHOWN) -> list[int]:
+    """The units (columns of `hidden`, (T, H)) worth showing, in order: all of them up to `limit`, else the
+    `limit` whose activation varies most over the steps."""
+    width = len(hidden[0])
+    if width <= limit:
+        return list(range(width))
+    variance = numpy.asarray(hidden, dtype=numpy.float64).var(axis=0)
+    return sorted(numpy.argsort(-variance, kind="stable")[:limit].tolist())
+
+
+def hidden_figure(hidden: list[list[float]], unit: str, limit: int = MAX_HIDDEN_SHOWN) -> go.Figure:
+    """Last-layer activations over time (T, H); with many units, only the ones that vary most."""
+    units = most_varying(hidden, limit)
+    z = hidden if len(units) == len(hidden[0]) else [[row[u] for u in units] for row in hidden]
+    shown = "" if len(units) == len(hidden[0]) else f" ({len(units)} of {len(hidden[0])}, most varying)"
+    trace = {"type": "heatmap", "z": z, "x": [str(u) for u in units], "y": list(range(1, len(hidden) + 1)),
+             "colorscale": SCALES["RdBu"], "zmid": 0, "colorbar": {"title": {"text": "h"}},
+             "hovertemplate": f"{unit} %{{y}}, unit %{{x}}: %{{z:.3f}}<extra></extra>"}
+    return dict_figure(trace, 460, HEATMAP_MARGIN,
+                       {"title": {"text": "hidden unit"}, "type": "category", "side": "top", "showticklabels": False},
+                       {"title": {"text": f"{unit} read"}, "autorange": "reversed"},
+                       title={"text": f"Hidden state{shown}", "y": 0.99})
+
+
+# -- a study: Optuna's own plots ---------------------------------------------------------------------
+# name -> the optuna.visualization function that draws it
+STUDY_PLOTS = {"history": "plot_optimization_history", "intermediate": "plot_intermediate_values",
+               "contour": "plot_contour", "importances": "plot_param_importances",
+               "parallel": "plot_parallel_coordinate", "slice": "plot_slice"}
+
+
+def study_figure(study, kind: str, target: str, params: list[str] | None = None, height: int = 380) -> go.Figure:
+    """One of Optuna's plots of `study` (a STUDY_PLOTS name), sized for a page; `target` names the trials'
+    value, `params` are the contour's two axes. Optuna raises for a study it cannot plot yet."""
+    import optuna.visualization as ov     # only the Tuning page draws these: the others need not load it
+    if kind == "intermediate":
+        fig = pruned_marked(ov.plot_intermediate_values(study), study, target)
+    elif kind == "contour":
+        fig = ov.plot_contour(study, params=params, target_name=target)
+    else:
+        fig = getattr(ov, STUDY_PLOTS[kind])(study, target_name=target)
+    return fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+
+
+def pruned_marked(fig: go.Figure, study, target: str) -> go.Figure:
+    """Optuna draws every trial's curve alike: dash the pruned ones and cross their last step."""
+    pruned = {f"Trial{t.number}" for t in study.get_trials(deepcopy=False) if t.state.name == "PRUNED"}
+    ends = [(trace.x[-1], trace.y[-1], trace.name) for trace in fig.data if trace.name in pruned]
+    fig.update_traces(showlegend=False)      # one entry per trial would outgrow the plot
+    fig.for_each_trace(lambda t: t.update(line_dash="dot"), selector=lambda t: t.name in pruned)
+    if ends:
+        fig.add_trace(go.Scatter(x=[e[0] for e in ends], y=[e[1] for e in ends], text=[e[2] for e in ends],
+                                 mode="markers", name="pruned", marker={"symbol": "x", "size": 11, "color": "#d62728"},
+                                 hovertemplate="%{text} pruned at epoch %{x}<extra></extra>"))
+    fig.update_layout(showlegend=bool(ends), legend={"orientation": "h", "y": -0.2})
+    return fig.update_xaxes(title_text="epoch", dtick=1).update_yaxes(title_text=target)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cpu
 from .config import TrainConfig
 from .data import model_input, normalize
 
@@ -146,6 +147,8 @@ class Prediction:
 def predict(model: torch.nn.Module, config: TrainConfig, digit: Digit, details: bool = True) -> Prediction:
     """Class probabilities for one digit; with `details`, the LSTM's belief and hidden state per step."""
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        cpu.accelerate(model)
     x = model_input(normalize(digit.image.to(device))[None], config)              # (1, T, F) or (1, 1, 28, 28)
     steps = hidden = None
     if details and config.arch == "lstm":
@@ -153,7 +156,7 @@ def predict(model: torch.nn.Module, config: TrainConfig, digit: Digit, details: 
         probs = model.logits_from_states(states).softmax(1)[0]
         hidden = states[0].float().cpu().tolist()
         if not config.bidirectional:
-            steps = model.head(model.dropout(states)).softmax(2)[0].float().cpu().tolist()
+            steps = model.logits_per_step(states).softmax(2)[0].float().cpu().tolist()
     else:
         probs = model(x).softmax(1)[0]
     p = probs.float().cpu()

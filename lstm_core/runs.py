@@ -1,17 +1,17 @@
-"""Run directories: create, list, read status, write atomically, save and load checkpoints.
+"""Run directories: create, find, list, read status and metrics, write atomically. No torch here:
+reading a saves folder must not need the training stack.
 
     run = create_run(config)                 # saves/runs/20261123-153412-a1b2c3/ with config.json
-    history = fit(config, [RunRecorder(run)])
-    model, config = load_model(run.path)     # rebuilt from the stored config, weights_only=True
+    rows = list_runs()                       # one summary per run, newest first
 
 A run directory holds config.json, metrics.jsonl (one JSON event per line), status.json, best.pt,
-last.pt, final_state_dict.pth, eval.json and curves.svg.
+last.pt, final_state_dict.pth, eval.json and curves.svg; recorder.RunRecorder writes them during `fit`,
+and checkpoints.py reads the .pt files back.
 """
 from __future__ import annotations
 
-import io
+import contextlib
 import json
-import math
 import os
 import re
 import secrets
@@ -22,17 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from .config import TrainConfig, from_dict
 
-from .config import ConfigError, TrainConfig, from_dict
-from .models import build_model
-from .plotfile import curves_svg
-from .train import Callback, FitState, History
-
-CHECKPOINT_FORMAT = 1
-STATES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 LIVE_STATES = ("queued", "running")
-PROGRESS_SECONDS = 1.0      # the most often a run writes its progress (metrics lines and status heartbeat)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -80,6 +72,11 @@ def runs_dir(root: str | Path | None = None) -> Path:
     return saves_root(root) / "runs"
 
 
+def study_dir(study: str, root: str | Path | None = None) -> Path:
+    """A tuning study's folder: its trials' run directories, workers.json, tune.log, space.json."""
+    return saves_root(root) / "studies" / safe_name(study, "study name")
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
@@ -103,12 +100,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=float) + "\n").encode())
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()   # checkpoints are megabytes: serialise in memory, then one atomic write
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def append_jsonl(path: Path, *records: dict) -> None:
@@ -167,6 +158,41 @@ def read_json_object(path: Path) -> dict:
 
 
 # -- processes ---------------------------------------------------------------------------------
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; try_lock always succeeds and held_lock holds nothing
+    fcntl = None
+
+
+def try_lock(handle, shared: bool = False) -> bool:
+    """Take an advisory lock on an open file without waiting; whether it was taken. Released by unlock or
+    when the file is closed (the process dying included)."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def unlock(handle) -> None:
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def held_lock(path: Path):
+    """An exclusive lock on the file `path` (created if missing) for the block, waited for."""
+    with open(path, "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            unlock(handle)
+
+
 def process_start_time(pid: int) -> str | None:
     """The kernel's start time of `pid` (Linux), to tell a live run from a reused pid."""
     try:
@@ -346,195 +372,3 @@ def summarize(run: Run) -> dict:
         "duration_s": (ended - started) if started and ended else None,
         "device": status.get("device"), "created_at": status.get("created_at"),
     }
-
-
-# -- checkpoints -------------------------------------------------------------------------------
-def on_cpu(obj: Any) -> Any:
-    """`obj` with every tensor in it (in dicts, lists and tuples) copied to the CPU: a file saved from a GPU
-    run must load with a plain torch.load on a machine that has none."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(on_cpu(v) for v in obj)
-    return obj
-
-
-def rng_state(device: torch.device) -> dict:
-    """Every random stream a run draws from: torch's CPU generator and, on a GPU, that GPU's (dropout)."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def checkpoint_dict(state: FitState, partial: bool = False) -> dict:
-    """Tensors (on the CPU) and plain values only, so that torch.load(weights_only=True) reads it back anywhere."""
-    return on_cpu({
-        "format": CHECKPOINT_FORMAT,
-        "config": state.config.to_dict(),
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-        "epoch": state.epoch,                  # epochs finished
-        "partial": partial,                    # True: saved mid-epoch by a stop
-        "history": [dict(r) for r in state.history.epochs],
-        "best_epoch": state.history.best_epoch,
-        "best_val_loss": state.history.best_val_loss,
-        "best_val_accuracy": state.history.best_val_accuracy,
-        "bad_epochs": state.bad_epochs,
-        "rng": {**rng_state(state.device), "generator": state.generator.get_state()},
-        "scaler": state.scaler.state_dict() if state.scaler is not None and state.scaler.is_enabled() else None,
-    })
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by this project; anything else (corrupt, truncated, a pickle with code in
-    it, another format) is refused with a RunError and nothing in it is executed."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise RunError(f"no checkpoint at {path}") from None
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad files
-        raise RunError(f"{path} is not a readable checkpoint ({load_failure(exc)})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise RunError(f"{path} is not an LSTM Studio checkpoint (no config and model inside)")
-    if not isinstance(ckpt.get("format", 0), int) or not isinstance(ckpt["model"], dict):
-        raise RunError(f"{path} is not an LSTM Studio checkpoint (bad format field or weights)")
-    if ckpt.get("format", 0) > CHECKPOINT_FORMAT:
-        raise RunError(f"{path} was written by a newer LSTM Studio (format {ckpt['format']})")
-    return ckpt
-
-
-def load_failure(exc: Exception) -> str:
-    """Why torch.load refused a file, in one line. Never torch's own first line for weights_only: it
-    advises re-running with weights_only=False, which would execute a hostile file's code."""
-    text = str(exc)
-    if text.startswith("Weights only load failed"):
-        blocked = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
-        if blocked:
-            return ("refused, nothing in it was run: it holds Python objects besides tensors and plain values: "
-                    f"{blocked[:200]}")
-        return "corrupt, or not a file written by torch.save"
-    if isinstance(exc, EOFError):
-        return "the file is empty or cut short"
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'unreadable'}"
-
-
-def resume_checkpoint(run: Run) -> dict:
-    """last.pt with the best weights so far (from best.pt), ready for fit(resume=...)."""
-    ckpt = load_checkpoint(run.last_path)
-    if ckpt.get("partial") or not ckpt.get("optimizer"):
-        raise RunError(f"run {run.id} stopped before finishing its first epoch: there is nothing to resume; "
-                       "start it again")
-    ckpt["best_model"] = load_checkpoint(run.best_path)["model"] if run.best_path.exists() else None
-    return ckpt
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
-    """A model ready for inference from a run directory (its best.pt) or a checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    ckpt = load_checkpoint(path)
-    try:
-        config = from_dict(ckpt["config"])
-    except ConfigError as exc:
-        raise RunError(f"{path} holds an invalid config: {exc}") from None
-    model = build_model(config)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except (RuntimeError, TypeError) as exc:
-        raise RunError(f"{path}: the weights do not fit the {config.arch} model its config describes "
-                       f"({str(exc).splitlines()[0][:200]})") from None
-    return model.to(device).eval(), config
-
-
-# -- the callback that writes a run directory --------------------------------------------------
-class RunRecorder(Callback):
-    """Writes every event of `fit` into a run directory: status, metrics.jsonl, checkpoints, eval,
-    plot. The state reaches `running`, then `completed`, `cancelled` or `failed`."""
-
-    def __init__(self, run: Run, progress_seconds: float = PROGRESS_SECONDS):
-        self.run = run
-        self.progress_seconds = progress_seconds
-        self.pending: list[dict] = []        # progress records not written yet
-        self.written_at = -math.inf
-
-    def heartbeat(self, **changes: Any) -> None:
-        self.run.write_status(heartbeat_at=time.time(), **changes)
-
-    def flush(self) -> None:
-        """Write the progress records held back, in one append."""
-        if self.pending:
-            append_jsonl(self.run.metrics_path, *self.pending)
-            self.pending.clear()
-
-    def on_run_start(self, state: FitState) -> None:
-        repair_jsonl(self.run.metrics_path)       # a resumed run's log may end in a line torn by the kill
-        pid = os.getpid()
-        self.heartbeat(state="running", pid=pid, pid_start=process_start_time(pid), host=socket.gethostname(),
-                       started_at=time.time(), device=str(state.device))
-        append_jsonl(self.run.metrics_path, {"event": "start", "time": time.time(), "device": str(state.device),
-                                             "n_train": state.n_train, "steps_per_epoch": state.steps_per_epoch,
-                                             "resumed_after_epoch": state.epoch})
-        logged = {r.get("epoch") for r in self.run.epochs()}
-        for record in state.history.epochs:   # resumed: epochs the checkpoint has but the log lost to a kill
-            if record["epoch"] not in logged:
-                append_jsonl(self.run.metrics_path, record)
-
-    def on_batch(self, state: FitState, record: dict) -> None:
-        # by time, not by batch: a GPU finishes `log_every` batches many times a second, and each status
-        # write is an fsync
-        self.pending.append(record)
-        now = time.monotonic()
-        if now - self.written_at >= self.progress_seconds:
-            self.flush()
-            self.heartbeat()
-            self.written_at = now
-
-    def on_epoch_end(self, state: FitState, record: dict) -> None:
-        # checkpoints first: a kill between the two writes loses a log line (restored on resume), never
-        # leaves a logged epoch that resume would train again
-        ckpt = checkpoint_dict(state)
-        if state.improved:
-            atomic_torch_save({**ckpt, "optimizer": None, "scheduler": None}, self.run.best_path)
-        atomic_torch_save(ckpt, self.run.last_path)
-        self.flush()
-        append_jsonl(self.run.metrics_path, record)
-        self.heartbeat()
-
-    def on_train_end(self, state: FitState) -> None:
-        self.flush()
-        # stopped mid-epoch: last.pt stays at the last epoch's end (what --resume continues from); a run
-        # stopped in its first epoch keeps its weights as a partial checkpoint
-        if state.batch and state.batch < state.steps_per_epoch and not self.run.last_path.exists():
-            atomic_torch_save(checkpoint_dict(state, partial=True), self.run.last_path)
-        if not self.run.best_path.exists():                     # no epoch finished: the current weights
-            atomic_torch_save({**checkpoint_dict(state, partial=True), "optimizer": None, "scheduler": None},
-                              self.run.best_path)
-
-    def on_run_end(self, state: FitState, history: History) -> None:
-        atomic_torch_save(on_cpu(state.model.state_dict()), self.run.final_path)
-        test = history.test or {}
-        atomic_write_json(self.run.eval_path, {
-            "test_accuracy": test.get("accuracy"), "test_loss": test.get("loss"), "test_error": test.get("error"),
-            "macro_precision": test.get("macro_precision"), "macro_recall": test.get("macro_recall"),
-            "macro_f1": test.get("macro_f1"), "per_class": test.get("per_class"),
-            "confusion_matrix": test.get("confusion_matrix"), "misclassified": test.get("misclassified"),
-            "best_epoch": history.best_epoch, "best_val_loss": finite(history.best_val_loss),
-            "best_val_accuracy": history.best_val_accuracy, "stopped": history.stopped,
-            "train_seconds": history.train_seconds, "n_test": test.get("n")})
-        atomic_write_bytes(self.run.plot_path, curves_svg(history.epochs, title=f"run {self.run.id}").encode())
-        append_jsonl(self.run.metrics_path, {"event": "end", "time": time.time(), **history.summary()})
-        self.heartbeat(state="cancelled" if history.stopped == "cancelled" else "completed", ended_at=time.time())
-
-    def on_exception(self, state: FitState, exc: BaseException) -> None:
-        self.flush()
-        cancelled = isinstance(exc, KeyboardInterrupt)
-        self.heartbeat(state="cancelled" if cancelled else "failed", ended_at=time.time(),
-                       error=None if cancelled else f"{type(exc).__name__}: {exc}")
-
-
-def finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

@@ -18,11 +18,11 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from . import cpu
 from .config import TrainConfig
 from .data import MNIST, Splits, batch_input, load_mnist, make_splits, to_device
-from .devices import AmpPolicy, keep_freed_memory, policy_for, resolve_device
+from .devices import AmpPolicy, policy_for, resolve_device
 from .evaluate import autocast, evaluate
-from .fused import flush_denormals
 from .models import build_model
 
 PER_BATCH_SCHEDULERS = ("onecycle", "cosine")
@@ -83,83 +83,13 @@ class FitState:
     started: float = field(default_factory=time.perf_counter)
 
 
-class _DirectFusedStep:
-    """Adam and AdamW (fused=True) on a CPU, their fused kernel called straight, with gradient clipping
-    folded into it when max_grad_norm is set: the kernel divides the gradients by its grad_scale,
-    max(1, norm / max_grad_norm), which is clip_grad_norm's scaling. torch.optim's step spends ~0.2 ms a
-    batch in Python around a ~0.08 ms kernel while the other cores wait (3% of a `default` training step).
-    The state and state_dict are torch's own; anything else (amsgrad, several groups, other devices, a
-    GradScaler's inputs, a closure) takes torch's step, after clip_grad_norm when max_grad_norm is set."""
-    max_grad_norm: float = 0.0
-
-    def direct(self) -> bool:
-        """Whether step() calls the fused kernel straight (else torch's step)."""
-        group = self.param_groups[0]
-        return (len(self.param_groups) == 1 and hasattr(torch, "_fused_adam_") and group["fused"]
-                and not (group["amsgrad"] or group["maximize"] or group["capturable"])
-                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
-                and all(p.grad is not None and p.grad.device.type == "cpu" and p.grad.dtype == torch.float32
-                        and p.grad.layout == torch.strided for p in group["params"]))
-
-    def step(self, closure=None):
-        if closure is not None or not self.direct():
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            if self.max_grad_norm:
-                clip_grad_norm([p for g in self.param_groups for p in g["params"]], self.max_grad_norm)
-            super().step()
-            return loss
-        group = self.param_groups[0]
-        params = group["params"]
-        grads = [p.grad for p in params]
-        scale = None
-        if self.max_grad_norm:
-            scale = ((grad_norm(grads) + 1e-6) / self.max_grad_norm).clamp_(min=1.0)
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
-            if not state:                                      # torch's lazy initialisation (Adam._init_group)
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1)
-        kernel = torch._fused_adamw_ if group.get("decoupled_weight_decay") else torch._fused_adam_
-        kernel(params, grads, [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states], [],
-               steps, amsgrad=False, lr=group["lr"], beta1=float(group["betas"][0]), beta2=float(group["betas"][1]),
-               weight_decay=group["weight_decay"], eps=group["eps"], maximize=False, grad_scale=scale, found_inf=None)
-        return None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """torch's zero_grad without its profiler scope (~60 us a batch)."""
-        if not set_to_none:
-            return super().zero_grad(False)
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
-
-
-class FusedAdam(_DirectFusedStep, torch.optim.Adam):
-    pass
-
-
-class FusedAdamW(_DirectFusedStep, torch.optim.AdamW):
-    pass
-
-
 def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter],
                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
-    """The optimizer of `config`. On a CPU, Adam and AdamW clip the gradients themselves (max_grad_norm)."""
     # one fused kernel for all parameters instead of a dozen ops each (CPU and CUDA have them)
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if config.optimizer in ("adam", "adamw"):
-        on_cpu, adamw = device.type == "cpu", config.optimizer == "adamw"
-        kind = (FusedAdamW if adamw else FusedAdam) if on_cpu else (torch.optim.AdamW if adamw else torch.optim.Adam)
-        optimizer = kind(params, config.lr, weight_decay=config.weight_decay, **fused)
-        if on_cpu:
-            optimizer.max_grad_norm = config.grad_clip
-        return optimizer
+        kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        return kind(params, config.lr, weight_decay=config.weight_decay, **fused)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
                                nesterov=config.momentum > 0, **fused)
@@ -181,22 +111,6 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_
     return None
 
 
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ in the same few ops whatever the number of parameters (torch's own
-    foreach path is for CUDA only; on a CPU it makes two ops per parameter). Returns the norm before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = grad_norm(grads)
-    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
-    return total
-
-
-def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all the gradients together, in three ops."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
 def should_stop(stop: Any, state: FitState) -> bool:
     if state.should_stop:
         return True
@@ -211,7 +125,7 @@ def fit(config: TrainConfig, callbacks: Iterable[Callback] = (), stop: Any = Non
         data: MNIST | None = None, resume: dict | None = None, device: str | torch.device | None = None) -> History:
     """Train `config`, early-stop on validation loss, restore the best weights, evaluate on the test set.
     `stop`: a threading/multiprocessing Event or a callable; when it is set the run ends as cancelled.
-    `resume`: a checkpoint saved at the end of an epoch (runs.checkpoint_dict) plus `best_model`, the best
+    `resume`: a checkpoint saved at the end of an epoch (checkpoints.checkpoint_dict) plus `best_model`, the best
     weights so far; training goes on from the next epoch exactly as if it had never stopped.
     `device`: where to train, when the caller has chosen (a GPU it holds the lock of); else config.device."""
     callbacks = list(callbacks)
@@ -262,11 +176,12 @@ def prepare(config: TrainConfig, data: MNIST | None = None,
         # fp32 on a GPU means TF32 tensor cores for matmuls and cuDNN, as on every framework's default
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == "cpu":
-        keep_freed_memory()
-        flush_denormals()
+        cpu.prepare_process()
     torch.manual_seed(config.seed)
     splits = make_splits(data or load_mnist(), config, device)
     model = build_model(config).to(device)
+    if device.type == "cpu":
+        cpu.accelerate(model)
     optimizer = make_optimizer(config, model.parameters(), device)
     n_train = len(splits.train_y)
     steps_per_epoch = math.ceil(n_train / config.batch_size)
@@ -322,9 +237,9 @@ def train_step(state: FitState, splits: Splits, idx: torch.Tensor) -> tuple[torc
         loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if config.grad_clip and not getattr(optimizer, "max_grad_norm", 0):   # (FusedAdam clips in its step)
+    if config.grad_clip:
         scaler.unscale_(optimizer)
-        clip_grad_norm(model.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
     scaler.step(optimizer)
     scaler.update()
     if config.scheduler in PER_BATCH_SCHEDULERS:

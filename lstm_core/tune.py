@@ -1,21 +1,20 @@
 """Optuna studies over TrainConfig: a thin objective (suggest -> TrainConfig -> fit with pruning).
 
-    study = run_study("lstm-search", trials=20, base=preset("default").replace(epochs=5))
+    study = run_worker("lstm-search", trials=20, base=preset("default").replace(epochs=5))
     python -m lstm_core tune --study lstm-search --trials 20 --workers 2 --epochs 5
 
 Each trial trains into its own run directory, SAVES/studies/<study>/trial_<n>/ (the layout of a run,
 with eval.json), whose path is the trial's user attribute `run_dir`. The objective is the best
 validation accuracy; the test set is only evaluated for the record. The study is a plain Optuna study
 in any storage URL (SQLite by default, PostgreSQL for several machines): optuna-dashboard and
-optuna.load_study open it as they would any other.
+optuna.load_study open it as they would any other. The processes that run a study (launched from the
+app, a command's extra workers, stopping them) are jobs.py's.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import threading
 import time
 import warnings
@@ -25,14 +24,10 @@ from typing import Any, Callable
 import optuna
 
 from .config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mapping
-from .jobs import device_lock, spawn_detached, training_devices
-from .runs import RunRecorder, create_run, read_json_object, safe_name, saves_root
+from .jobs import StopRequest, device_lock, training_devices
+from .recorder import RunRecorder
+from .runs import create_run, held_lock, safe_name, saves_root, study_dir
 from .train import Callback, fit
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; concurrent first opens of a fresh SQLite file may collide
-    fcntl = None
 
 # The space the popular MNIST-LSTM Optuna scripts search, plus AdamW, RMSprop and bidirectional.
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
@@ -48,7 +43,6 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "none")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-STOP_FILE = "STOP"
 MAX_FAILURES_IN_A_ROW = 3     # a worker whose trials fail this many times in a row stops
 HEARTBEAT_SECONDS = 10        # a worker killed mid-trial has that trial failed by the others after ~2x this
 
@@ -63,10 +57,6 @@ class SpaceError(ConfigError):
 
 def default_storage(root: str | Path | None = None) -> str:
     return f"sqlite:///{saves_root(root) / 'optuna.db'}"
-
-
-def study_dir(study: str, root: str | Path | None = None) -> Path:
-    return saves_root(root) / "studies" / safe_name(study, "study name")
 
 
 def check_space(space: Any, base: TrainConfig | None = None) -> dict[str, dict[str, Any]]:
@@ -223,15 +213,11 @@ CREATION_RACES = ("already exists", "UNIQUE constraint failed", "duplicate key",
 def setup_lock(url: str):
     """Hold a file lock beside a SQLite file while its tables are made (nothing for other URLs)."""
     path = sqlite_path(url)
-    if path is None or fcntl is None or not path.parent.is_dir():
+    if path is None or not path.parent.is_dir():
         yield
         return
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with held_lock(path.with_name(path.name + ".lock")):
+        yield
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -352,8 +338,7 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     study = open_study(name, storage, sampler, pruner, seed)
     study.set_user_attr("space", json.loads(json.dumps(space)))
     study.set_user_attr("base_config", base.to_dict())
-    stop_event = stop_event or threading.Event()
-    stop = lambda: stop_event.is_set() or (folder / STOP_FILE).exists()  # noqa: E731
+    stop = StopRequest(folder, stop_event or threading.Event())
 
     def enough(study: optuna.Study, trial) -> None:
         if stop() or finished_trials(study) >= trials:
@@ -366,33 +351,6 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     if failures.reason:
         raise StudyFailing(failures.reason)
     return study
-
-
-def launch_study(args: list[str], name: str, root: str | Path | None = None) -> subprocess.Popen:
-    """Start `python -m lstm_core tune ARGS` detached (a refresh or another user does not stop it)."""
-    folder = study_dir(name, root)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / STOP_FILE).unlink(missing_ok=True)
-    return spawn_detached(["tune", *args], folder / "tune.log")
-
-
-def request_study_stop(name: str, root: str | Path | None = None) -> None:
-    """Ask every worker of the study to stop after its current batch (the STOP file is read between
-    batches and between trials)."""
-    folder = study_dir(name, root)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / STOP_FILE).touch()
-    for pid in worker_pids(name, root):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def worker_pids(name: str, root: str | Path | None = None) -> list[int]:
-    from .runs import process_alive
-    info = read_json_object(study_dir(name, root) / "workers.json")
-    return [w["pid"] for w in info.get("workers", []) if process_alive(w.get("pid"), w.get("pid_start"))]
 
 
 def study_summaries(storage: str) -> list[dict]:

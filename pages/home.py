@@ -1,10 +1,9 @@
 """Home: what LSTM Studio does, the devices it can train on here, and the runs saved so far."""
-import pandas as pd
 import streamlit as st
 
 from lstm_core.devices import available_devices
-from lstm_core.runs import describe_model, list_runs, saves_root
-from pagekit import leave_legacy_navigation
+from lstm_core.runview import runs_table
+from pagekit import leave_legacy_navigation, listed_runs
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
@@ -38,22 +37,12 @@ def home() -> None:
             for d in devices))
 
     st.subheader("Runs")
-    # Read on every rerun (no cache): a run finished in a terminal shows up on the next refresh.
-    try:
-        root = saves_root()
-        st.caption(f"Runs are stored in `{root / 'runs'}`")
-        runs = list_runs()
-    except Exception as exc:  # noqa: BLE001 - a corrupt run folder gets a message, not a traceback
-        st.error(f"Could not read the saved runs: {type(exc).__name__}: {exc}")
-        return
+    runs = listed_runs()
     if not runs:
-        st.info("No runs yet: start one on the Train page, or from a terminal with "
-                "`python -m lstm_core train --preset default`.")
-        st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
+        if runs is not None:
+            st.page_link("pages/train.py", label="Train a model", icon=":material/model_training:")
         return
-    table = pd.DataFrame([{**r, "model": describe_model(r)} for r in runs[:RECENT]])
-    table["test_accuracy"] = pd.to_numeric(table["test_accuracy"], errors="coerce") * 100
-    st.dataframe(table, hide_index=True, column_order=list(COLUMNS), column_config=COLUMNS)
+    st.dataframe(runs_table(runs[:RECENT]), hide_index=True, column_order=list(COLUMNS), column_config=COLUMNS)
     if len(runs) > RECENT:
         st.caption(f"The {RECENT} newest of {len(runs)} runs.")
     st.page_link("pages/runs.py", label="All runs: compare curves, download weights, delete",

@@ -1,14 +1,11 @@
 """Runs: every saved run in one table; overlay the curves of the selected runs, download their weights,
 delete them (after a confirmation)."""
-import hashlib
-
-import pandas as pd
 import streamlit as st
 
-from lstm_core.jobs import delete_run
 from lstm_core.plots import overlay_figure
-from lstm_core.runs import RunError, list_runs, open_run, saves_root
-from pagekit import leave_legacy_navigation
+from lstm_core.runs import RunError, open_run
+from lstm_core.runview import delete_runs, run_curves, runs_table, selection_key, weight_files
+from pagekit import leave_legacy_navigation, listed_runs
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
@@ -34,36 +31,11 @@ COLUMNS = {
     "created_at": st.column_config.DatetimeColumn("Created (UTC)", format="YYYY-MM-DD HH:mm:ss"),
 }
 METRICS = ("val_accuracy", "val_loss", "train_loss", "train_accuracy", "val_error")
-# (file name in the run directory, Run attribute holding its path)
-DOWNLOADS = (("final_state_dict.pth", "final_path"), ("best.pt", "best_path"))
-
-
-def init_state() -> None:
-    if "confirm_delete" not in st.session_state:
-        st.session_state.confirm_delete = []   # run ids waiting for "Yes, delete"
-    if "delete_report" not in st.session_state:
-        st.session_state.delete_report = None  # what the last deletion did, shown once after its rerun
-
-
-def table_key(ids: list[str]) -> str:
-    """A selection is a list of row positions: once a run is deleted or a new one appears, the same
-    positions name other runs. A table keyed by its ids starts with an empty selection instead."""
-    return "runs_table-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
-
-
-def runs_frame(runs: list[dict]) -> pd.DataFrame:
-    table = pd.DataFrame(runs)
-    table["created_at"] = pd.to_datetime(table["created_at"], unit="s", errors="coerce")
-    for column in ("best_val_accuracy", "test_accuracy"):
-        table[column] = pd.to_numeric(table[column], errors="coerce") * 100
-    return table
 
 
 def show_delete_report() -> None:
-    report = st.session_state.delete_report
-    if report is None:
-        return
-    st.session_state.delete_report = None
+    """What the last deletion did, shown once, after its rerun."""
+    report = st.session_state.pop("delete_report", None) or {"deleted": [], "errors": []}
     if report["deleted"]:
         st.success("Deleted " + ", ".join(f"`{run_id}`" for run_id in report["deleted"]) + ".")
     for message in report["errors"]:
@@ -78,14 +50,7 @@ def confirm_delete() -> None:
                + " for good? Their checkpoints, metrics and evaluation go with them.")
     buttons = st.container(horizontal=True)
     if buttons.button("Yes, delete", type="primary", key="delete_yes"):
-        deleted, errors = [], []
-        for run_id in pending:
-            try:
-                delete_run(open_run(run_id))   # refuses a queued or running run
-            except (RunError, OSError) as exc:
-                errors.append(f"Could not delete `{run_id}`: {exc}")
-            else:
-                deleted.append(run_id)
+        deleted, errors = delete_runs(pending)      # a queued or running run is refused
         st.session_state.confirm_delete = []
         st.session_state.delete_report = {"deleted": deleted, "errors": errors}
         st.rerun()
@@ -97,17 +62,9 @@ def confirm_delete() -> None:
 def overlay(selected: list[str]) -> None:
     st.subheader("Curves")
     metric = st.selectbox("Metric", METRICS, key="metric", format_func=lambda m: m.replace("_", " "))
-    curves = {}
-    for run_id in selected:
-        try:
-            epochs = open_run(run_id).epochs()
-        except (RunError, OSError) as exc:
-            st.error(f"Could not read the metrics of `{run_id}`: {exc}")
-            continue
-        if epochs:
-            curves[run_id] = epochs
-        else:
-            st.caption(f"`{run_id}` has not finished an epoch yet.")
+    curves, notes = run_curves(selected)
+    for level, line in notes:
+        getattr(st, level)(line)
     if curves:
         st.plotly_chart(overlay_figure(curves, metric), key="overlay")
 
@@ -121,7 +78,7 @@ def downloads(selected: list[str]) -> None:
             except RunError as exc:
                 st.error(str(exc))
                 continue
-            files = [(name, getattr(run, attr)) for name, attr in DOWNLOADS if getattr(run, attr).is_file()]
+            files = weight_files(run)
             if not files:
                 st.caption("No weights saved yet.")
             for name, path in files:
@@ -132,28 +89,16 @@ def downloads(selected: list[str]) -> None:
 
 
 def runs_page() -> None:
-    init_state()
+    st.session_state.setdefault("confirm_delete", [])    # run ids waiting for "Yes, delete"
     st.title("Runs")
     show_delete_report()
-    # Read on every rerun (no cache): runs training elsewhere show their progress on the next refresh.
-    try:
-        root = saves_root()
-        st.caption(f"Runs are stored in `{root / 'runs'}`")
-        runs = list_runs()
-        table = runs_frame(runs) if runs else None
-    except Exception as exc:  # noqa: BLE001 - a corrupt run folder gets a message, not a traceback
-        st.error(f"Could not read the saved runs: {type(exc).__name__}: {exc}")
-        return
+    runs = listed_runs()
     if not runs:
-        st.info("No runs yet: start one on the Train page, or from a terminal with "
-                "`python -m lstm_core train --preset default`.")
         return
-
     ids = [r["id"] for r in runs]
-    event = st.dataframe(table, hide_index=True, column_order=list(COLUMNS), column_config=COLUMNS,
-                         on_select="rerun", selection_mode="multi-row", key=table_key(ids))
+    event = st.dataframe(runs_table(runs), hide_index=True, column_order=list(COLUMNS), column_config=COLUMNS,
+                         on_select="rerun", selection_mode="multi-row", key=selection_key("runs_table", ids))
     selected = [ids[i] for i in event.selection.rows if 0 <= i < len(ids)]
-
     confirm_delete()
     if not selected:
         st.caption("Select rows in the table to compare their curves, download their weights or delete them.")

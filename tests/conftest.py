@@ -1,13 +1,8 @@
 """Shared fixtures. Tests train on small slices of the real MNIST; every test gets its own saves root."""
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,12 +12,13 @@ try:
 except ImportError:    # the GPU check's bare machine has torch, numpy and pytest only (tests/test_cuda.py)
     Page = expect = None
 
+from benchmarks.harness import (CHROMIUM, CHROMIUM_ARGS, REPO, free_port, stop_live_runs,  # noqa: F401
+                                streamlit_server, wait_until)
 from lstm_core import TrainConfig
 from lstm_core.config import NO_AUGMENTATION
 from lstm_core.data import load_mnist
 from lstm_core.train import Callback
 
-REPO = Path(__file__).resolve().parent.parent
 # The real data, loaded once into the repository's saves/data (IDX files after the first load).
 DATA_DIR = Path(os.environ.get("LSTM_DATA", REPO / "saves" / "data"))
 os.environ["LSTM_DATA"] = str(DATA_DIR)
@@ -43,21 +39,6 @@ def saves(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("LSTM_SAVES", str(root))
     yield root
     stop_live_runs(root)
-
-
-def stop_live_runs(root: Path, timeout: float = 60) -> None:
-    from lstm_core.jobs import request_stop
-    from lstm_core.runs import LIVE_STATES, list_runs, open_run
-
-    # runs this very process created (create_run in a test) have no training process to stop
-    live = [r["id"] for r in list_runs(root) if r["state"] in LIVE_STATES
-            and open_run(r["id"], root).status().get("pid") != os.getpid()]
-    for run_id in live:
-        request_stop(open_run(run_id, root))
-    deadline = time.time() + timeout
-    while live and time.time() < deadline:
-        time.sleep(0.2)
-        live = [i for i in live if open_run(i, root).status().get("state") in LIVE_STATES]
 
 
 def tiny_config(**changes) -> TrainConfig:
@@ -82,7 +63,8 @@ class StopAt(Callback):
 @pytest.fixture(scope="session")
 def trained_saves(tmp_path_factory, mnist) -> Path:
     """A saves root holding one real, completed tiny run (shared by tests that only read it)."""
-    from lstm_core.runs import RunRecorder, create_run
+    from lstm_core.recorder import RunRecorder
+    from lstm_core.runs import create_run
     from lstm_core.train import fit
 
     root = tmp_path_factory.mktemp("trained") / "saves"
@@ -91,65 +73,8 @@ def trained_saves(tmp_path_factory, mnist) -> Path:
     return root
 
 
-# -- browser tests --
-# A real `streamlit run` server and Debian's Chromium (Playwright's own browser download needs the
-# internet). Tests that use them carry @pytest.mark.browser.
-
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with code {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read().decode().strip() == "ok":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"streamlit did not answer {url}/_stcore/health within {timeout:.0f} s")
-
-
-@contextlib.contextmanager
-def streamlit_server(saves: Path, log_dir: Path):
-    """A real `streamlit run streamlit_app.py` on a free port, reading `saves`; yields its URL."""
-    port = free_port()
-    log_path = log_dir / f"streamlit-{port}.log"
-    env = {**os.environ, "LSTM_SAVES": str(saves)}
-    cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
-    except RuntimeError as exc:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{exc}\n{log_path.read_text(errors='replace')}") from None
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-# -- driving the app in Chromium (test_e2e_*) ------------------------------------------------------
+# -- driving the app in Chromium (test_e2e_*, marked browser): a real `streamlit run` server and Debian's
+# Chromium, from benchmarks/harness.py (shared with the load benchmark) --------------------------------
 # validation-loss points of the first plotly chart (the epoch curves); 0 while the chart is (re)drawn
 CURVE_POINTS_JS = """() => { const p = document.querySelector('.js-plotly-plot');
                              return p && p.data && p.data[1] ? p.data[1].x.length : 0; }"""

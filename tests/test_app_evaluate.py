@@ -5,7 +5,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config
-from lstm_core.runs import RunRecorder, create_run
+from lstm_core.recorder import RunRecorder
+from lstm_core.runs import create_run
 from lstm_core.train import fit
 
 PAGE = str(REPO / "pages" / "evaluate.py")

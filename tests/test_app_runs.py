@@ -8,7 +8,8 @@ import pytest
 from conftest import tiny_config
 from streamlit.testing.v1 import AppTest
 
-from lstm_core.runs import RunRecorder, create_run, open_run
+from lstm_core.recorder import RunRecorder
+from lstm_core.runs import create_run, open_run
 from lstm_core.train import fit
 
 RUNS = str(Path(__file__).resolve().parent.parent / "pages" / "runs.py")

@@ -75,6 +75,9 @@ def test_every_config_field_has_a_widget_and_the_form_matches_the_default_preset
     assert at.slider(key="hidden_size").value == default.hidden_size
     assert at.number_input(key="lr").value == default.lr
     assert any("No runs yet" in i.value for i in at.info)
+    assert "82,186 trainable parameters" in [c.value for c in at.caption]
+    at.slider(key="num_layers").set_value(2).run()                # the count follows the widgets
+    assert f"{82186 + 4 * 128 * 258:,} trainable parameters" in [c.value for c in at.caption]
 
 
 def test_a_preset_fills_the_widgets(saves):
@@ -97,6 +100,7 @@ def test_copy_as_command_is_the_same_config_on_the_command_line(saves):
     assert config_from_args(args) == widgets
 
 
+@pytest.mark.slow
 def test_start_launches_a_background_run_that_completes_and_shows_its_results(saves):
     at = set_widgets(page(), TINY)
     run_id = start(at)
@@ -115,6 +119,7 @@ def test_start_launches_a_background_run_that_completes_and_shows_its_results(sa
     assert f"{test_accuracy:.2%}" in [m.value for m in at.metric]
 
 
+@pytest.mark.slow
 def test_stop_ends_a_run_as_cancelled_with_its_checkpoint(saves):
     at = set_widgets(page(), LONG)
     run_id = start(at)
@@ -130,6 +135,7 @@ def test_stop_ends_a_run_as_cancelled_with_its_checkpoint(saves):
     assert "state **cancelled**" in " ".join(m.value for m in at.markdown)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_device_is_queued_behind_the_first(saves):
     at = set_widgets(page(), LONG)
     first = start(at)
@@ -158,6 +164,7 @@ def test_a_run_whose_process_died_shows_as_interrupted(saves):
     assert any("ended without finishing" in w.value for w in at.warning)
 
 
+@pytest.mark.slow
 def test_resume_continues_a_stopped_run_to_its_end(saves):
     at = set_widgets(page(), {**LONG, "epochs": 4, "limit_train": 4000})
     run_id = start(at)
@@ -179,7 +186,7 @@ def test_resume_continues_a_stopped_run_to_its_end(saves):
 
 def test_the_run_picker_keeps_the_users_choice(saves, mnist):
     from conftest import tiny_config
-    from lstm_core.runs import RunRecorder
+    from lstm_core.recorder import RunRecorder
     from lstm_core.train import fit
     ids = []
     for _ in range(3):

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import optuna
 import pandas as pd
@@ -13,9 +12,9 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, REPO, wait_until
 from lstm_core.runs import run_at
-from lstm_core.tune import request_study_stop, worker_pids
+from lstm_core.jobs import request_study_stop, study_running, study_workers
 
 PAGE = str(REPO / "pages" / "tuning.py")
 ENTRY = str(REPO / "streamlit_app.py")
@@ -82,15 +81,6 @@ def infos(at: AppTest) -> str:
     return " | ".join(i.value for i in at.info)
 
 
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
-
-
 def states(study_name: str, storage: str) -> list[str]:
     """The state of each trial of a study, [] before the study exists."""
     try:
@@ -103,11 +93,10 @@ def finished(study_name: str, storage: str) -> int:
     return sum(state in ("COMPLETE", "PRUNED", "FAIL") for state in states(study_name, storage))
 
 
-def stop_and_wait(name: str, proc) -> None:
+def stop_and_wait(name: str) -> None:
     """Nothing lingers: stop the study, wait for its launcher and every worker to exit."""
     request_study_stop(name)
-    proc.wait(timeout=180)
-    wait_until(lambda: not worker_pids(name), 60, f"the workers of {name} exiting")
+    wait_until(lambda: not study_workers(name), 240, f"the workers of {name} exiting")
 
 
 # -- a seeded study ------------------------------------------------------------------------------
@@ -271,7 +260,7 @@ def test_the_contour_starts_on_parameters_that_vary(saves):
 
 
 # -- launched from the page ------------------------------------------------------------------------
-def launch(at: AppTest, name: str, trials: int, epochs: int, limit_train: int) -> subprocess.Popen:
+def launch(at: AppTest, name: str, trials: int, epochs: int, limit_train: int) -> None:
     at.text_input(key="tune_name").set_value(name)
     at.number_input(key="tune_trials").set_value(trials)
     at.number_input(key="tune_epochs").set_value(epochs)
@@ -285,12 +274,13 @@ def launch(at: AppTest, name: str, trials: int, epochs: int, limit_train: int) -
     (button,) = [b for b in at.button if b.label == "Launch study"]
     button.click().run()
     check(at)
-    return at.session_state["tune_procs"][name]
+    assert study_running(name)                      # at once, before the process has loaded anything
 
 
+@pytest.mark.slow
 def test_launch_runs_a_background_study_to_its_trial_count(saves):
     at = page()
-    proc = launch(at, "launched", trials=2, epochs=1, limit_train=1000)
+    launch(at, "launched", trials=2, epochs=1, limit_train=1000)
     try:
         assert any("Started study launched" in s.value for s in at.success)
         assert at.selectbox(key="tune_study").value == "launched"
@@ -299,8 +289,9 @@ def test_launch_runs_a_background_study_to_its_trial_count(saves):
                          "lr": {"type": "float", "low": 0.005, "high": 0.02, "log": True}}
         storage = f"sqlite:///{saves / 'optuna.db'}"
         wait_until(lambda: finished("launched", storage) >= 2, 600, "two finished trials")
-        proc.wait(timeout=120)                              # it stops by itself at its trial count
-        assert proc.returncode == 0, (saves / "studies" / "launched" / "tune.log").read_text()
+        wait_until(lambda: not study_running("launched"), 120, "the study ending")   # by itself, at its trial count
+        log = (saves / "studies" / "launched" / "tune.log").read_text()
+        assert "study launched: 2 finished" in log and "error:" not in log and "Traceback" not in log, log
         at.run()
         check(at)
         study = optuna.load_study(study_name="launched", storage=storage)
@@ -312,21 +303,22 @@ def test_launch_runs_a_background_study_to_its_trial_count(saves):
         history = charts(at)["Optimization History Plot"]["data"][0]
         assert sorted(history["y"]) == sorted(t.value for t in study.trials)
     finally:
-        stop_and_wait("launched", proc)
+        stop_and_wait("launched")
 
 
+@pytest.mark.slow
 def test_stop_ends_a_running_study(saves):
     at = page()
-    proc = launch(at, "long", trials=50, epochs=20, limit_train=20000)
+    launch(at, "long", trials=50, epochs=20, limit_train=20000)
     try:
         storage = f"sqlite:///{saves / 'optuna.db'}"
-        wait_until(lambda: "RUNNING" in states("long", storage) and worker_pids("long"), 300, "a running trial")
+        wait_until(lambda: "RUNNING" in states("long", storage) and study_workers("long"), 300, "a running trial")
         at.run()
         check(at)
         assert "running" in " ".join(m.value for m in at.markdown)
         (stop,) = [b for b in at.button if b.label == "Stop"]
         stop.click().run()
-        proc.wait(timeout=180)
+        wait_until(lambda: not study_running("long"), 180, "the study stopping")
         study = optuna.load_study(study_name="long", storage=storage)
         assert len(study.trials) < 50 and not [t for t in study.trials if t.state.name == "RUNNING"]
         assert study.trials[-1].state.name == "PRUNED"        # the interrupted trial is kept, not as a result
@@ -334,4 +326,4 @@ def test_stop_ends_a_running_study(saves):
         check(at)
         assert "finished" in " ".join(m.value for m in at.markdown)
     finally:
-        stop_and_wait("long", proc)
+        stop_and_wait("long")

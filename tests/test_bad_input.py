@@ -37,11 +37,13 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config
 from lstm_core.__main__ import main
+from lstm_core.checkpoints import CHECKPOINT_FORMAT, load_model
 from lstm_core.config import ConfigError, TrainConfig
+from lstm_core.jobs import request_study_stop
 from lstm_core.models import build_model
 from lstm_core.preprocess import ImageError, decode_image
-from lstm_core.runs import CHECKPOINT_FORMAT, RunError, create_run, load_model, open_run, safe_name
-from lstm_core.tune import make_storage, open_study, request_study_stop, study_dir, study_summaries
+from lstm_core.runs import RunError, create_run, open_run, safe_name, study_dir
+from lstm_core.tune import make_storage, open_study, study_summaries
 from test_preprocess import png
 
 UNREACHABLE_SERVER = "postgresql+psycopg2://nobody@127.0.0.1:9/none"   # port 9 (discard): nothing listens

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lstm_core import bench, fused
+from lstm_core import bench, cpu
 from lstm_core.bench import flops_per_sample, gemm_bound, predict_latency
 from lstm_core.config import preset
 from lstm_core.devices import cpu_has_bf16
@@ -24,6 +24,7 @@ def test_flops_per_sample_follow_the_model_shapes():
     assert flops_per_sample(pixel) == pytest.approx(3 * (784 * 8 * 128 * 129 + 2 * 128 * 10))
 
 
+@pytest.mark.slow
 def test_bench_writes_a_report_with_roofline_baseline_and_time_to_accuracy(tmp_path):
     env = {**os.environ, "LSTM_SAVES": str(tmp_path), "LSTM_DATA": str(DATA_DIR)}
     out = subprocess.run([sys.executable, "-m", "lstm_core.bench", "--quick", "--presets", "default", "--samples",
@@ -34,10 +35,10 @@ def test_bench_writes_a_report_with_roofline_baseline_and_time_to_accuracy(tmp_p
     [report] = (tmp_path / "bench").glob("*.json")
     result = json.loads(report.read_text())
     rows = {row["dtype"]: row for row in result["train"]}
-    assert set(rows) >= {"fp32"} | ({"fp32-torch"} if fused.available() else set())
+    assert set(rows) >= {"fp32"} | ({"fp32-torch"} if cpu.available() else set())
     for row in rows.values():
         assert row["samples_per_s"] > 0 and 0 < row["roofline"] < 1 and row["baseline_samples_per_s"] > 0
-    if fused.available():   # the fused row's ceiling: its GEMMs alone
+    if cpu.available():   # the kernel row's ceiling: its GEMMs alone
         assert rows["fp32"]["gemm_only_roofline"] > 0 and "GEMM-only" in out.stdout
     tta = result["time_to_accuracy"]
     assert len(tta["curve"]) == 1 and tta["final_test_accuracy"] > 0.9                # one epoch of real data
@@ -46,7 +47,7 @@ def test_bench_writes_a_report_with_roofline_baseline_and_time_to_accuracy(tmp_p
 
 
 def test_gemm_bound_follows_the_kernels_gemms():
-    if not fused.available():
+    if not cpu.available():
         assert gemm_bound(preset("default")) is None
         return
     default = preset("default")
@@ -95,10 +96,11 @@ def test_the_cpu_table_keeps_its_columns():
                             "loss", "scaling"]
 
 
+@pytest.mark.slow
 def test_bench_without_torchvision_skips_the_baseline(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torchvision", None)           # a bare GPU host
     monkeypatch.setenv("LSTM_SAVES", str(tmp_path))
-    assert bench.main(["--quick", "--presets", "cnn", "--samples", "256", "--no-browser", "--device", "cpu"]) == 0
+    assert bench.main(["--quick", "--presets", "cnn", "--samples", "256", "--device", "cpu"]) == 0
     [report] = (tmp_path / "bench").glob("*.json")
     result = json.loads(report.read_text())
     assert "torchvision" in result["baseline_skipped"] and "baseline skipped" in capsys.readouterr().out

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import DATA_DIR, REPO
 
 TINY = ["--hidden-size", "48", "--epochs", "2", "--batch-size", "50", "--limit-train", "2000", "--val-size", "1000",
@@ -21,6 +23,7 @@ def cli(*args, saves, check=False, timeout=300):
     return result
 
 
+@pytest.mark.slow
 def test_train_prints_the_run_dir_first_and_a_json_summary_last(tmp_path):
     result = cli("train", *TINY, "--json", saves=tmp_path, check=True)
     lines = result.stdout.strip().splitlines()
@@ -45,6 +48,7 @@ def test_train_prints_the_run_dir_first_and_a_json_summary_last(tmp_path):
     assert rows[0]["id"] == run_dir.name
 
 
+@pytest.mark.slow
 def test_presets_config_files_and_flags_layer_in_that_order(tmp_path):
     config_file = tmp_path / "c.toml"
     config_file.write_text('hidden_size = 40\nseed = 7\nbatch_size = 50\n')
@@ -56,6 +60,7 @@ def test_presets_config_files_and_flags_layer_in_that_order(tmp_path):
     assert config["hidden_size"] == 24 and config["patience"] == 3   # flags
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cooperatively_and_keeps_a_checkpoint(tmp_path):
     env = {**os.environ, "LSTM_SAVES": str(tmp_path), "LSTM_DATA": str(DATA_DIR)}
     proc = subprocess.Popen([sys.executable, "-m", "lstm_core", "train", "--hidden-size", "32", "--epochs", "50",
@@ -75,6 +80,7 @@ def test_sigterm_stops_cooperatively_and_keeps_a_checkpoint(tmp_path):
     assert status["state"] == "cancelled" and (run_dir / "last.pt").exists() and (run_dir / "best.pt").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_a_killed_run_from_its_last_epoch(tmp_path):
     env = {**os.environ, "LSTM_SAVES": str(tmp_path), "LSTM_DATA": str(DATA_DIR)}
     proc = subprocess.Popen([sys.executable, "-m", "lstm_core", "train", *TINY[:2], "--epochs", "6",

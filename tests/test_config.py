@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from lstm_core.config import PRESETS, ConfigError, TrainConfig, from_dict, load_file, preset
+from lstm_core.config import PRESETS, ConfigError, TrainConfig, from_dict, preset, read_mapping
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -64,16 +64,16 @@ def test_from_dict_refuses_unknown_keys_and_accepts_ints_for_floats():
     assert from_dict({"lr": 1}).lr == 1.0
 
 
-def test_load_file_reads_json_and_toml_and_reports_malformed_files(tmp_path):
+def test_config_files_read_as_json_and_toml_and_malformed_ones_are_named(tmp_path):
     (tmp_path / "a.json").write_text('{"hidden_size": 64, "bidirectional": true}')
     (tmp_path / "b.toml").write_text('hidden_size = 48\noptimizer = "sgd"\n')
     (tmp_path / "bad.json").write_text('{"hidden_size": 64,')
     (tmp_path / "bad.toml").write_text('hidden_size = = 4')
-    assert load_file(tmp_path / "a.json").bidirectional
-    assert load_file(tmp_path / "b.toml").optimizer == "sgd"
+    assert from_dict(read_mapping(tmp_path / "a.json")).bidirectional
+    assert from_dict(read_mapping(tmp_path / "b.toml")).optimizer == "sgd"
     with pytest.raises(ConfigError, match="not valid JSON"):
-        load_file(tmp_path / "bad.json")
+        read_mapping(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="not valid TOML"):
-        load_file(tmp_path / "bad.toml")
+        read_mapping(tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match="cannot read config file"):
-        load_file(tmp_path / "missing.json")
+        read_mapping(tmp_path / "missing.json")

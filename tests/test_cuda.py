@@ -14,8 +14,10 @@ from conftest import DATA_DIR, REPO, StopAt, tiny_config
 from lstm_core.config import PRESETS, preset
 from lstm_core.devices import CUDNN_LSTM_AUTOCAST_DTYPE, AmpUnsupported, amp_policy, cuda_capability, policy_for
 from lstm_core.evaluate import autocast
+from lstm_core.checkpoints import resume_checkpoint
 from lstm_core.models import build_model
-from lstm_core.runs import RunRecorder, create_run, resume_checkpoint
+from lstm_core.recorder import RunRecorder
+from lstm_core.runs import create_run
 from lstm_core.train import fit, prepare, train_step
 
 pytestmark = [pytest.mark.cuda,

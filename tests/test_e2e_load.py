@@ -1,12 +1,13 @@
-"""The Draw page under load (issue 7), briefly: a few sessions drawing at once, in Chromium and as
+"""The Draw page under load, briefly: a few sessions drawing at once, in Chromium and as
 websocket clients, all get predictions and no errors while a training run goes on.
 
-The latency goal is the benchmark's (`make load`, tests/load_draw.py), not asserted here: timings on a
+The latency goal is the benchmark's (`make load`, benchmarks/load_draw.py), not asserted here: timings on a
 shared 2-core machine say more about the machine than about the app.
 """
 import pytest
 
-from load_draw import load_environment, parser, run_clients
+from benchmarks import cold_start
+from benchmarks.load_draw import load_environment, parser, run_clients
 
 pytestmark = pytest.mark.browser
 
@@ -30,3 +31,9 @@ def test_sessions_drawing_at_once_while_training_all_get_predictions(loaded_app,
     assert report["sessions_opened"] == sessions
     assert all(n >= 1 for n in report["predictions_per_session"]), report["predictions_per_session"]
     assert report["training"]["state_at_end"] == "running"          # the training went on meanwhile
+
+
+def test_cold_start_times_the_server_and_the_first_page(saves):
+    figures = cold_start.measure(saves)
+    assert "first_page_error" not in figures, figures["first_page_error"]
+    assert 0 < figures["server_ready_s"] < figures["first_page_s"]

@@ -21,10 +21,13 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect
 
+from benchmarks.harness import start_server
 from conftest import (REPO, curve_points, free_port, set_number, settle, stop_live_runs, wait_for_points,
-                      wait_healthy)
-from lstm_core.runs import LIVE_STATES, list_runs, load_checkpoint, load_model, process_alive, run_at
-from lstm_core.tune import FINISHED, request_study_stop, worker_pids
+                      wait_until)
+from lstm_core.checkpoints import load_checkpoint, load_model
+from lstm_core.jobs import request_study_stop, study_workers
+from lstm_core.runs import LIVE_STATES, list_runs, process_alive, run_at
+from lstm_core.tune import FINISHED
 
 
 # -- servers this test kills and restarts ------------------------------------------------------------
@@ -46,16 +49,7 @@ class Servers:
         """A new server on this pool's port (the one the browser tab knows); its URL once it answers."""
         log_path = self.log_dir / f"streamlit-{len(self.procs)}.log"
         self.logs.append(log_path)
-        cmd = [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-               "--server.address", "127.0.0.1", "--server.port", str(self.port)]
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "LSTM_SAVES": str(self.saves)}, stdout=log,
-                                    stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        try:
-            wait_healthy(self.url, proc)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n{log_path.read_text(errors='replace')}") from None
+        self.procs.append(start_server(self.saves, self.port, log_path))
         return self.url
 
     def kill(self) -> None:
@@ -116,16 +110,6 @@ def servers(saves, tmp_path):
     finally:
         pool.close()
         end_processes(saves)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} did not happen within {timeout:.0f} s")
 
 
 def open_page(page: Page, url: str, path: str, heading: str) -> None:
@@ -306,14 +290,14 @@ def test_a_tuning_study_outlives_a_killed_server_and_the_next_server_shows_it_fi
 
     # the worker has its data and trains trial 0 when the server dies
     wait_until(lambda: (saves / "studies" / STUDY / "trial_0" / "metrics.jsonl").exists(), 90, "trial 0 starting")
-    (worker,) = wait_until(lambda: worker_pids(STUDY, saves), 30, "the study's workers.json")
+    (worker,) = wait_until(lambda: study_workers(STUDY, saves), 30, "the study's workers.json")
     assert set(study().user_attrs["space"]) == {"optimizer", "lr", "weight_decay", "hidden_size", "dropout",
                                                 "batch_size"}
     servers.kill()
     assert process_alive(worker)
     done = finished()
     wait_until(lambda: finished() > done, 90, "a trial finishing while no server runs")
-    assert worker_pids(STUDY, saves) == [worker]
+    assert study_workers(STUDY, saves) == [worker]
     assert finished() < TRIALS, "the study ended before a new server could show it live: make it longer"
 
     servers.start()

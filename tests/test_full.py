@@ -2,7 +2,8 @@
 import pytest
 
 from lstm_core.config import preset
-from lstm_core.runs import RunRecorder, create_run
+from lstm_core.recorder import RunRecorder
+from lstm_core.runs import create_run
 from lstm_core.train import fit
 
 

@@ -27,6 +27,7 @@ def gpucheck_on_a_bare_host(tmp_path, *args):
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_small_cpu_run_measures_every_stage_without_the_apps_dependencies(tmp_path):
     report = tmp_path / "check.json"
     out = gpucheck_on_a_bare_host(tmp_path, "--device", "cpu", "--small", "--skip-tests", "--out", str(report))
@@ -59,6 +60,7 @@ def test_without_a_gpu_the_default_check_fails_in_one_clear_line(tmp_path):
     assert not (tmp_path / "check.json").exists()
 
 
+@pytest.mark.slow
 def test_failing_cuda_tests_fail_the_check(tmp_path, monkeypatch, capsys):
     tests = tmp_path / "test_stand_in.py"
     tests.write_text("import pytest\n\n"

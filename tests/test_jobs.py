@@ -8,7 +8,8 @@ import time
 import pytest
 
 from conftest import REPO, tiny_config
-from lstm_core.jobs import delete_run, device_holder, device_lock, request_stop
+from lstm_core.jobs import (STOP_FILE, delete_run, device_holder, device_lock, launch_study, request_stop,
+                            running_studies, study_running)
 from lstm_core.runs import RunError, create_run, open_run
 
 
@@ -49,13 +50,14 @@ def test_stop_signals_the_training_process_and_delete_waits_for_the_end(saves):
     with pytest.raises(RunError, match="stop it before deleting it"):
         delete_run(run)
     request_stop(run)
-    assert (run.path / "STOP").exists()                              # read between batches, even after restarts
+    assert (run.path / STOP_FILE).exists()                            # read between batches, even after restarts
     assert worker.wait(timeout=10) == -signal.SIGTERM
     assert run.status()["state"] == "interrupted"                    # this stand-in never wrote "cancelled"
     delete_run(run)
     assert not run.path.exists()
 
 
+@pytest.mark.slow
 def test_a_launched_run_outlives_the_process_that_started_it(saves):
     """The app's server may restart mid-run: the training process is detached from it."""
     code = ("import sys; from conftest import tiny_config; from lstm_core.jobs import launch_training\n"
@@ -69,6 +71,22 @@ def test_a_launched_run_outlives_the_process_that_started_it(saves):
         time.sleep(0.3)
     assert run.status()["state"] == "completed", (run.path / "train.log").read_text()
     assert run.eval()["test_accuracy"] > 0.4
+
+
+def test_a_launched_study_runs_from_the_launch_until_its_process_ends(saves):
+    """Running at once, before the command has loaded anything, and listed under its storage; a command
+    that refuses its flags ends it, saying why in tune.log."""
+    storage = f"sqlite:///{saves / 'optuna.db'}"
+    (saves / "studies" / "s").mkdir(parents=True)
+    (saves / "studies" / "s" / STOP_FILE).touch()                  # left by an earlier stop of this study
+    launch_study(["--study", "s", "--trials", "0", "--storage", storage], "s", storage, saves)
+    assert study_running("s", saves) and not (saves / "studies" / "s" / STOP_FILE).exists()
+    assert running_studies(storage, saves) == ["s"] and running_studies("sqlite:///other.db", saves) == []
+    deadline = time.time() + 60
+    while study_running("s", saves) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not study_running("s", saves) and running_studies(storage, saves) == []
+    assert "error: --trials and --workers must be at least 1" in (saves / "studies" / "s" / "tune.log").read_text()
 
 
 def hold(saves, devices, owner, shared=False, seconds=60):

@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torch import nn
 
+from lstm_core import models
 from lstm_core.config import TrainConfig, preset
 from lstm_core.models import CNNClassifier, LSTMClassifier, build_model, count_parameters
 
@@ -11,14 +13,14 @@ def test_lstm_shapes_per_sequence_mode(mode, steps, features):
     assert isinstance(model, LSTMClassifier) and model.lstm.input_size == features
     x = torch.randn(3, steps, features)
     assert model(x).shape == (3, 10)
-    assert model.forward_steps(x).shape == (3, steps, 10)
+    assert model.logits_per_step(model.hidden_states(x)).shape == (3, steps, 10)
     assert model.hidden_states(x).shape == (3, steps, 16)
 
 
-def test_last_step_of_forward_steps_is_the_prediction():
+def test_last_step_of_the_per_step_logits_is_the_prediction():
     model = LSTMClassifier(28, 24, num_layers=2, dropout=0.3).eval()
     x = torch.randn(5, 28, 28)
-    assert torch.allclose(model.forward_steps(x)[:, -1], model(x), atol=1e-6)
+    assert torch.allclose(model.logits_per_step(model.hidden_states(x))[:, -1], model(x), atol=1e-6)
 
 
 def test_bidirectional_head_reads_both_final_states():
@@ -29,7 +31,7 @@ def test_bidirectional_head_reads_both_final_states():
     last = torch.cat([out[:, -1, :16], out[:, 0, 16:]], 1)         # forward after T, backward after step 1
     assert torch.allclose(model(x), model.head(last), atol=1e-6)
     with pytest.raises(ValueError, match="unidirectional"):
-        model.forward_steps(x)
+        model.logits_per_step(out)
 
 
 def test_dropout_only_between_layers_when_there_are_several():
@@ -71,3 +73,29 @@ def test_forget_gates_start_open_and_long_sequences_get_the_chrono_initialisatio
     # log(U(1, 783)): memory spans from one step to the whole image, most of them long
     assert 0 <= forget.min() < 1.5 and 6 < forget.max() <= torch.log(torch.tensor(783.0))
     assert 4 < forget.median() < 7
+
+
+def test_models_are_plain_torch():
+    """The CPU kernel is cpu.accelerate's to put in; a model as built is torch's own modules only."""
+    model = build_model(TrainConfig(num_layers=2, dropout=0.2))
+    assert type(model.lstm) is nn.LSTM and type(model.dropout) is nn.Dropout
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_runs_the_lstm_in_fp32(monkeypatch):
+    # oneDNN raises for a bf16 LSTM on CPUs without AVX-512 BF16 or AMX; those run the layer in fp32
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    torch.manual_seed(0)
+    model, x = LSTMClassifier(28, 16), torch.randn(2, 28, 28, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, (h_n, _) = model.run_lstm(x)
+        logits = model(x)
+    assert out.dtype == torch.float32 and logits.dtype == torch.bfloat16      # the head still autocasts
+    torch.testing.assert_close(out, model.lstm(x)[0])
+    out.sum().backward()
+    assert x.grad is not None and model.lstm.weight_hh_l0.grad is not None
+
+
+def test_a_cuda_lstm_leaves_bf16_autocast_for_fp32():
+    # cuDNN's LSTM would compute in fp16 under any CUDA autocast (devices.CUDNN_LSTM_AUTOCAST_DTYPE)
+    assert models.outside_autocast(torch.bfloat16) == (models.CUDNN_LSTM_AUTOCAST_DTYPE != torch.bfloat16)
+    assert not models.outside_autocast(torch.float16)

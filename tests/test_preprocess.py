@@ -98,6 +98,7 @@ def trained(mnist):
     return grab.model, config
 
 
+@pytest.mark.slow
 def test_blown_up_mnist_digits_keep_their_accuracy(trained, mnist):
     """Real test digits drawn large at another place on a 280x280 canvas read as well as the originals."""
     model, config = trained

@@ -12,9 +12,10 @@ from conftest import StopAt, tiny_config
 from lstm_core.config import TrainConfig
 from lstm_core.data import make_splits
 from lstm_core.evaluate import evaluate
+from lstm_core.checkpoints import atomic_torch_save, load_model, resume_checkpoint
 from lstm_core.models import build_model
-from lstm_core.runs import (Run, RunError, RunRecorder, atomic_torch_save, create_run, format_seconds, list_runs,
-                            load_model, read_jsonl, resume_checkpoint)
+from lstm_core.recorder import RunRecorder
+from lstm_core.runs import Run, RunError, create_run, format_seconds, list_runs, read_jsonl
 from lstm_core.train import Callback, fit
 
 

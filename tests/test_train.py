@@ -1,4 +1,3 @@
-import copy
 import math
 import threading
 
@@ -173,69 +172,18 @@ def test_bf16_autocast_on_cpu_trains(mnist):
 @pytest.mark.parametrize("changes", [dict(seq_mode="pixels", hidden_size=16, limit_train=100, batch_size=50),
                                      dict(seq_mode="permuted", hidden_size=16, limit_train=100, batch_size=50),
                                      dict(bidirectional=True, num_layers=2, dropout=0.2),
-                                     dict(arch="cnn", aug_rotate=10, aug_translate=0.1)])
+                                     pytest.param(dict(arch="cnn", aug_rotate=10, aug_translate=0.1),
+                                                  marks=pytest.mark.slow)])
 def test_other_architectures_and_modes_train(mnist, changes):
     history = fit(tiny_config(epochs=1, **changes), data=mnist)
     assert math.isfinite(history.epochs[0]["val_loss"]) and history.test["n"] == 10000
 
 
-def test_clip_grad_norm_is_torchs():
-    from lstm_core.train import clip_grad_norm
-    torch.manual_seed(0)
-    for scale, clipped in ((10.0, True), (0.01, False)):
-        params = [torch.nn.Parameter(torch.randn(s)) for s in ((512, 28), (512,), (10, 128))]
-        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-        for p, q in zip(params, twins):
-            p.grad = torch.randn(p.shape) * scale
-            q.grad = p.grad.clone()
-        total = clip_grad_norm(params, 1.0)
-        expected = torch.nn.utils.clip_grad_norm_(twins, 1.0)
-        torch.testing.assert_close(total, expected)
-        for p, q in zip(params, twins):
-            torch.testing.assert_close(p.grad, q.grad)
-        assert (torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item() < 1.0 + 1e-4) or not clipped
-
-
-@pytest.mark.parametrize("kind", ["adam", "adamw"])
-@pytest.mark.parametrize("max_norm", [0.0, 1.0])
-def test_cpu_optimizers_step_and_clip_as_torchs_do(kind, max_norm):
-    """make_optimizer's CPU Adam and AdamW call the fused kernel straight and clip inside it: the weights,
-    state and state_dict after a few steps must be those of torch's optimizer after clip_grad_norm_."""
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_optimizers_are_torchs_own_with_its_fused_step(kind):
+    """Checkpoints hold torch's optimizer state_dicts: the optimizer is torch's class, fused on a CPU."""
     from lstm_core.train import make_optimizer
-    torch.manual_seed(0)
-    config = TrainConfig(optimizer=kind, lr=1e-2, weight_decay=1e-2, grad_clip=max_norm)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in ((512, 28), (512,), (10, 128))]
-    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    ours = make_optimizer(config, params)
-    theirs = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind](twins, 1e-2, weight_decay=1e-2, fused=True)
-    assert ours.max_grad_norm == max_norm
-    for step in range(4):
-        ours.zero_grad()
-        theirs.zero_grad()
-        assert all(p.grad is None for p in params)
-        for p, q in zip(params, twins):
-            p.grad = torch.randn(p.shape) * (10.0 if step % 2 else 0.01)      # clipped every other step
-            q.grad = p.grad.clone()
-        if max_norm:
-            torch.nn.utils.clip_grad_norm_(twins, max_norm)
-        assert ours.direct()                    # the fused kernel called straight, not torch's step
-        ours.step()
-        theirs.step()
-        for p, q in zip(params, twins):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    mine, reference = ours.state_dict(), theirs.state_dict()
-    assert mine["param_groups"][0].keys() == reference["param_groups"][0].keys()
-    for i in range(len(params)):
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(mine["state"][i][key], reference["state"][i][key], rtol=1e-5, atol=1e-7)
-    # a state_dict of torch's own optimizer loads, and the next steps agree (a copy: loading keeps its tensors)
-    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
-    for p, q in zip(params, twins):
-        p.grad = torch.randn(p.shape)
-        q.grad = p.grad.clone()
-    if max_norm:
-        torch.nn.utils.clip_grad_norm_(twins, max_norm)
-    ours.step()
-    theirs.step()
-    for p, q in zip(params, twins):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    optimizer = make_optimizer(TrainConfig(optimizer=kind), params)
+    assert type(optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind]
+    assert optimizer.param_groups[0]["fused"]

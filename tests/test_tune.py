@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import DATA_DIR, REPO
+from lstm_core.jobs import STOP_FILE
 from lstm_core.tune import MAX_FAILURES_IN_A_ROW, FailureStreak
 
 SMALL = ["--limit-train", "1000", "--val-size", "500", "--epochs", "2", "--batch-size", "100",
@@ -40,6 +41,7 @@ def storage_of(saves):
     return f"sqlite:///{saves / 'optuna.db'}"
 
 
+@pytest.mark.slow
 def test_a_study_completes_resumes_and_keeps_a_run_directory_per_trial(saves, space):
     first = tune(saves, "--study", "s1", "--trials", 3, "--space", space, "--sampler-seed", 1, *SMALL, "--json")
     assert first.returncode == 0, first.stderr
@@ -64,6 +66,7 @@ def test_a_study_completes_resumes_and_keeps_a_run_directory_per_trial(saves, sp
     assert set(study.best_trial.params) == set(SPACE)
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(saves, space):
     result = tune(saves, "--study", "w2", "--trials", 4, "--workers", 2, "--space", space, *SHARED)
     assert result.returncode == 0, result.stderr
@@ -73,6 +76,7 @@ def test_two_workers_share_one_study(saves, space):
     assert len({t.user_attrs["worker_pid"] for t in finished}) == 2
 
 
+@pytest.mark.slow
 def test_the_median_pruner_prunes_a_hopeless_trial(saves, tmp_path):
     hopeless = tmp_path / "hopeless.json"
     hopeless.write_text(json.dumps({"lr": {"type": "categorical", "choices": [0.01, 1e-6]},
@@ -87,6 +91,7 @@ def test_the_median_pruner_prunes_a_hopeless_trial(saves, tmp_path):
     assert evaluation["stopped"] == "pruned"
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(saves, space):
     env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
     long_trial = [a if a != "2" else "200" for a in SMALL]        # a trial that would take minutes
@@ -108,6 +113,7 @@ def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(save
     assert sum(s == optuna.trial.TrialState.COMPLETE for s in states.values()) >= 2
 
 
+@pytest.mark.slow
 def test_two_workers_on_postgresql(saves, space, postgres_url):
     result = tune(saves, "--study", "pg", "--trials", 4, "--workers", 2, "--storage", postgres_url, "--space", space,
                   *SHARED, "--json")
@@ -143,6 +149,7 @@ def test_a_worker_stops_after_a_few_failed_trials_in_a_row():
                              "RuntimeError: CUDA out of memory")
 
 
+@pytest.mark.slow
 def test_a_study_whose_every_trial_fails_ends_with_one_line_not_a_runaway(saves, tmp_path):
     """Each value is valid on its own (the space passes its check), but together they make no valid config:
     whatever makes every trial fail, the worker stops after a few."""
@@ -159,6 +166,7 @@ def test_a_study_whose_every_trial_fails_ends_with_one_line_not_a_runaway(saves,
     assert not list((saves / "studies" / "doomed").glob("trial_*"))      # no folder for a config that never was
 
 
+@pytest.mark.slow
 def test_commands_started_together_on_a_fresh_storage_all_join_the_study(saves, space):
     env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
     args = [sys.executable, "-m", "lstm_core", "tune", "--study", "together", "--trials", "3", "--space", str(space),
@@ -171,6 +179,7 @@ def test_commands_started_together_on_a_fresh_storage_all_join_the_study(saves, 
     assert len({t.user_attrs["worker_pid"] for t in study.trials}) == 3          # each command ran a trial
 
 
+@pytest.mark.slow
 def test_a_killed_worker_process_has_its_trial_failed_before_the_command_reports(saves, space):
     env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
     long_trial = [a if a != "2" else "200" for a in SMALL]
@@ -184,7 +193,7 @@ def test_a_killed_worker_process_has_its_trial_failed_before_the_command_reports
         time.sleep(0.3)
     child = json.loads((folder / "workers.json").read_text())["workers"][0]["pid"]   # not the command itself
     os.kill(child, signal.SIGKILL)
-    (folder / "STOP").touch()                                        # and stop the study
+    (folder / STOP_FILE).touch()                                     # and stop the study
     out, err = command.communicate(timeout=300)
     assert command.returncode == 1
     study = optuna.load_study(study_name="dk", storage=storage_of(saves))

@@ -1,4 +1,8 @@
-"""The fused CPU LSTM: nn.LSTM's results and gradients, its fallbacks, and its dropout."""
+"""lstm_core.cpu: the kernel's LSTM against nn.LSTM's results and gradients, accelerate() and its
+fallbacks, the kernel's dropout, batches and argument checks, and the process set-up.
+
+The whole file skips where no C++ compiler is (or LSTM_STUDIO_FUSED=0): torch's ops are used there. With
+a compiler, the kernel must build, and every test runs."""
 import os
 import platform
 import shutil
@@ -10,23 +14,29 @@ import pytest
 import torch
 from torch import nn
 
-from lstm_core import fused
-from lstm_core.devices import cpu_has_bf16, keep_freed_memory
+from lstm_core import cpu, models
+from lstm_core.config import TrainConfig, preset
+from lstm_core.cpu import kernel as cpu_kernel
+from lstm_core.cpu.lstm import applies, dropout_mask, run
+from lstm_core.devices import cpu_has_bf16
+from lstm_core.models import build_model
 
 from conftest import REPO
 
+if os.environ.get("LSTM_STUDIO_FUSED", "1") == "0" or not (shutil.which("c++") or shutil.which("g++")):
+    pytest.skip("no CPU kernel here (no C++ compiler, or LSTM_STUDIO_FUSED=0): torch's ops are used instead",
+                allow_module_level=True)
+
 
 def test_kernel_builds_here():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: nn.LSTM is used instead")
-    assert fused.available(), fused._state.get("error")
+    assert cpu.available(), cpu_kernel.error()
 
 
 def run_both(lstm: nn.LSTM, x: torch.Tensor):
-    """Outputs and every gradient (weights and input) of nn.LSTM and of run_lstm for one random loss."""
+    """Outputs and every gradient (weights and input) of nn.LSTM and of the kernel for one random loss."""
     results = []
     weights = None
-    for fn in (lstm, lambda inp: fused.run_lstm(lstm, inp)):
+    for fn in (lstm, lambda inp: run(lstm, inp)):
         lstm.zero_grad()
         inp = x.clone().requires_grad_()
         out, (h, c) = fn(inp)
@@ -44,7 +54,7 @@ def test_matches_nn_lstm_outputs_and_gradients(layers, bidirectional, hidden):
     torch.manual_seed(0)
     lstm = nn.LSTM(28, hidden, layers, batch_first=True, bidirectional=bidirectional)
     x = torch.randn(7, 28, 28)          # odd batch: uneven rows per thread
-    assert fused.applies(lstm, x)
+    assert applies(lstm, x)
     ref, ours = run_both(lstm, x)
     for a, b in zip(ref, ours):
         assert a.shape == b.shape
@@ -62,10 +72,10 @@ def test_inference_keeps_no_steps_and_matches_nn_lstm(mode, layers, bidirectiona
         ref = lstm(x)
     if mode == "frozen":                  # grad mode on, but nothing needs a gradient
         lstm.requires_grad_(False)
-        ours = fused.run_lstm(lstm, x)
+        ours = run(lstm, x)
     else:
         with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
-            ours = fused.run_lstm(lstm, x)
+            ours = run(lstm, x)
     for a, b in zip((ref[0], *ref[1]), (ours[0], *ours[1])):
         assert a.shape == b.shape
         torch.testing.assert_close(b, a, rtol=1e-4, atol=2e-5)
@@ -76,15 +86,15 @@ def test_inference_keeps_no_steps_and_matches_nn_lstm(mode, layers, bidirectiona
 def test_narrower_vector_builds_match_nn_lstm_too(monkeypatch, isa, march):
     """The gate loops and the batch builder have AVX-512, AVX2 and plain-float versions, chosen when the
     kernel is compiled for the CPU at hand; build the ones this machine would not pick, and check them."""
-    if not fused.available() or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("no fused kernel, or not an x86 CPU")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("not an x86 CPU")
     if isa == "avx2" and " avx2 " not in Path("/proc/cpuinfo").read_text().replace("\n", " "):
         pytest.skip("this CPU has no AVX2")
     from torch.utils import cpp_extension
-    build = cpp_extension.load(f"lstm_studio_test_{isa}", [str(fused.SOURCE)],
+    build = cpp_extension.load(f"lstm_studio_test_{isa}", [str(cpu_kernel.SOURCE)],
                                extra_cflags=["-O3", "-ffast-math", "-fopenmp", *march])
-    native = fused.kernel()
-    monkeypatch.setitem(fused._state, "kernel", build)
+    native = cpu_kernel.load()
+    monkeypatch.setitem(cpu_kernel._state, "kernel", build)
     for layers, bidirectional, hidden in ((3, False, 95), (2, True, 20)):
         torch.manual_seed(0)
         lstm = nn.LSTM(28, hidden, layers, batch_first=True, bidirectional=bidirectional)
@@ -103,7 +113,7 @@ def test_final_state_only_matches_too():
     lstm, head = nn.LSTM(28, 32, 2, batch_first=True), nn.Linear(32, 10)
     x, y = torch.randn(5, 28, 28), torch.randint(0, 10, (5,))
     grads = []
-    for fn in (lstm, lambda inp: fused.run_lstm(lstm, inp)):
+    for fn in (lstm, lambda inp: run(lstm, inp)):
         lstm.zero_grad()
         nn.functional.cross_entropy(head(fn(x)[1][0][-1]), y).backward()
         grads.append([p.grad.clone() for p in lstm.parameters()])
@@ -116,7 +126,7 @@ def test_inference_mode_and_batch_of_one():
     lstm = nn.LSTM(1, 16, 1, batch_first=True).eval()
     x = torch.randn(1, 50, 1)
     with torch.inference_mode():
-        out, (h, _) = fused.run_lstm(lstm, x)
+        out, (h, _) = run(lstm, x)
         ref, (h_ref, _) = lstm(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-6)
@@ -124,35 +134,88 @@ def test_inference_mode_and_batch_of_one():
 
 def test_falls_back_to_nn_lstm_where_the_kernel_does_not_apply():
     lstm = nn.LSTM(28, 16, batch_first=True)
-    assert not fused.applies(lstm.double(), torch.randn(2, 28, 28, dtype=torch.float64))
+    assert not applies(lstm.double(), torch.randn(2, 28, 28, dtype=torch.float64))
     lstm = lstm.float()
+    assert not applies(lstm, torch.randn(28, 28))                        # unbatched
     with torch.autocast("cpu", torch.bfloat16):
-        assert not fused.applies(lstm, torch.randn(2, 28, 28))
-        out, _ = fused.run_lstm(lstm, torch.randn(2, 28, 28))
-    assert out.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)  # nn.LSTM under autocast ran
-    assert not fused.applies(nn.LSTM(28, 16, batch_first=False), torch.randn(28, 2, 28))
-    fused.enable(False)
+        assert not applies(lstm, torch.randn(2, 28, 28))
+    assert not applies(nn.LSTM(28, 16, batch_first=False), torch.randn(28, 2, 28))
+    assert not applies(nn.LSTM(28, 16, batch_first=True, proj_size=8), torch.randn(2, 28, 28))
+    cpu.enable(False)
     try:
-        assert not fused.applies(lstm, torch.randn(2, 28, 28))
+        assert not applies(lstm, torch.randn(2, 28, 28))
     finally:
-        fused.enable(True)
+        cpu.enable(True)
+    assert applies(lstm, torch.randn(2, 28, 28))
 
 
-def test_bf16_autocast_on_a_cpu_without_bf16_runs_the_lstm_in_fp32(monkeypatch):
-    # oneDNN raises for a bf16 LSTM on CPUs without AVX-512 BF16 or AMX; those run the layer in fp32
-    monkeypatch.setattr(fused, "cpu_has_bf16", lambda: False)
+def test_accelerate_keeps_the_parameters_state_dict_and_results():
+    """accelerate() changes the class of a model's nn.LSTM in place: the same Parameter objects, the same state_dict, the same outputs; nn.LSTM's own path where the kernel does not
+    apply (an initial state, an unbatched input)."""
     torch.manual_seed(0)
-    lstm, x = nn.LSTM(28, 16, batch_first=True), torch.randn(2, 28, 28, requires_grad=True)
+    model = build_model(TrainConfig(num_layers=2, hidden_size=24, dropout=0.3)).eval()
+    plain = build_model(TrainConfig(num_layers=2, hidden_size=24, dropout=0.3)).eval()
+    plain.load_state_dict(model.state_dict())
+    params, state = list(model.parameters()), {k: v.clone() for k, v in model.state_dict().items()}
+    assert cpu.accelerate(model) is model
+    assert type(model.lstm) is cpu.lstm.LSTM and type(model.dropout) is nn.Dropout
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    x = torch.randn(5, 28, 28)
+    torch.testing.assert_close(model(x), plain(x), rtol=1e-4, atol=2e-5)
+    h0 = (torch.zeros(2, 5, 24), torch.zeros(2, 5, 24))
+    torch.testing.assert_close(model.lstm(x, h0)[0], plain.lstm(x, h0)[0])       # torch's path, given a state
+    torch.testing.assert_close(model.lstm(x[0])[0], plain.lstm(x[0])[0])          # and unbatched
+    cpu.accelerate(model)                                                         # again: nothing changes
+    assert type(model.lstm) is cpu.lstm.LSTM
+    plain.load_state_dict(model.state_dict())                                     # checkpoints are nn.LSTM's
+    cnn = build_model(preset("cnn"))
+    assert cpu.accelerate(cnn) is cnn                                             # nothing to route
+
+
+def test_training_evaluation_and_prediction_on_a_cpu_go_through_the_kernel(mnist):
+    from lstm_core.evaluate import predict_logits
+    from lstm_core.preprocess import from_canvas, predict
+    from lstm_core.train import prepare
+    config = TrainConfig(limit_train=256, val_size=256)
+    state, _ = prepare(config, mnist)
+    assert type(state.model.lstm) is cpu.lstm.LSTM
+    model = build_model(config)
+    predict_logits(model, mnist.test_images[:10], config)
+    assert type(model.lstm) is cpu.lstm.LSTM
+    model = build_model(config)
+    predict(model, config, from_canvas(None))
+    assert type(model.lstm) is cpu.lstm.LSTM
+
+
+def test_accelerate_changes_nothing_without_the_kernel(monkeypatch):
+    monkeypatch.setitem(cpu_kernel._state, "kernel", None)
+    model = cpu.accelerate(build_model(TrainConfig()))
+    assert type(model.lstm) is nn.LSTM
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_an_accelerated_model_under_cpu_autocast(monkeypatch, bf16):
+    """Under bf16 autocast the kernel steps aside: a CPU with bf16 runs nn.LSTM in bf16; one without (oneDNN
+    would raise) runs the layer in fp32 outside autocast, which is the kernel's again."""
+    if bf16 and not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16: oneDNN's bf16 LSTM would raise")
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: bf16)
+    torch.manual_seed(0)
+    model = cpu.accelerate(build_model(TrainConfig(hidden_size=16)))
+    x = torch.randn(2, 28, 28, requires_grad=True)
     with torch.autocast("cpu", torch.bfloat16):
-        out, (h_n, _) = fused.run_lstm(lstm, x)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, lstm(x)[0])
-    out.sum().backward()
-    assert x.grad is not None and lstm.weight_hh_l0.grad is not None
+        out, (h_n, _) = model.run_lstm(x)
+    assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    if not bf16:
+        torch.testing.assert_close(out, nn.LSTM.forward(model.lstm, x)[0], rtol=1e-4, atol=2e-5)
+    out.float().sum().backward()
+    assert x.grad is not None and model.lstm.weight_hh_l0.grad is not None
 
 
 def test_switched_off_by_environment():
-    code = "from lstm_core import fused; print(fused.available())"
+    code = "from lstm_core import cpu; print(cpu.available())"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**os.environ, "LSTM_STUDIO_FUSED": "0"})
     assert out.stdout.strip() == "False"
@@ -160,19 +223,19 @@ def test_switched_off_by_environment():
 
 def test_dropout_between_layers():
     torch.manual_seed(0)
-    mask = fused.dropout_mask(torch.Size([200, 500]), 0.3)
+    mask = dropout_mask(torch.Size([200, 500]), 0.3)
     assert mask.unique().tolist() == [0.0, pytest.approx(1 / 0.7)]
     assert mask.eq(0).float().mean().item() == pytest.approx(0.3, abs=0.01)
     assert mask.mean().item() == pytest.approx(1.0, abs=0.02)   # expectation kept
     torch.manual_seed(0)
-    assert torch.equal(fused.dropout_mask(torch.Size([200, 500]), 0.3), mask)   # follows torch's seed
-    assert not torch.equal(fused.dropout_mask(torch.Size([200, 500]), 0.3), mask)
+    assert torch.equal(dropout_mask(torch.Size([200, 500]), 0.3), mask)   # follows torch's seed
+    assert not torch.equal(dropout_mask(torch.Size([200, 500]), 0.3), mask)
     # in training, layer outputs are dropped; in eval the model is deterministic and equals nn.LSTM
     lstm = nn.LSTM(28, 32, 2, batch_first=True, dropout=0.5)
     x = torch.randn(4, 28, 28)
-    assert not torch.allclose(fused.run_lstm(lstm, x)[0], fused.run_lstm(lstm, x)[0])
+    assert not torch.allclose(run(lstm, x)[0], run(lstm, x)[0])
     lstm.eval()
-    torch.testing.assert_close(fused.run_lstm(lstm, x)[0], lstm(x)[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(run(lstm, x)[0], lstm(x)[0], rtol=1e-4, atol=1e-6)
 
 
 def test_unidirectional_layers_drop_their_input_as_the_kernel_reads_it():
@@ -187,30 +250,30 @@ def test_unidirectional_layers_drop_their_input_as_the_kernel_reads_it():
     x = torch.randn(5, 28, 28)
     weights = torch.randn(5, 28, 95)
     results = []
-    for run in ("kernel", "torch with masks"):
+    for path in ("kernel", "torch with masks"):
         inp = x.clone().requires_grad_()
         torch.manual_seed(7)                      # the same dropout seeds, drawn in the same order
-        if run == "kernel":
-            out = fused.run_lstm(lstm, inp)[0]
+        if path == "kernel":
+            out = run(lstm, inp)[0]
         else:
             out = inp
             for layer, single in enumerate(singles):
                 out = single(out)[0]
                 if layer < 2:
-                    out = out * fused.dropout_mask(out.shape, 0.4)
+                    out = out * dropout_mask(out.shape, 0.4)
         (out * weights).sum().backward()
-        params = lstm.parameters() if run == "kernel" else (p for single in singles for p in single.parameters())
+        params = lstm.parameters() if path == "kernel" else (p for single in singles for p in single.parameters())
         results.append([out.detach(), inp.grad] + [p.grad for p in params])
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=2e-5)
     assert results[0][1].eq(0).sum() == 0                   # the input of layer 1 is never dropped
 
 
-def test_keep_freed_memory_on_glibc():
-    import platform
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt is glibc's")
-    assert keep_freed_memory()
+def test_process_set_up_flushes_denormals():
+    cpu.prepare_process()
+    assert torch.tensor([1e-323], dtype=torch.float64).item() == 0    # denormals are zero on this thread
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert cpu.flush_denormals()                                  # and on the pool's threads
 
 
 def test_big_step_buffers_are_reused_between_batches():
@@ -223,27 +286,10 @@ def test_big_step_buffers_are_reused_between_batches():
 
     def batch():
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        fused.run_lstm(lstm, x)[1][0].sum().backward()
+        run(lstm, x)[1][0].sum().backward()
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     batch()
     assert batch() < 5000                                 # ~0.25 GB of fresh pages: ~60,000 faults
-
-
-def test_head_dropout_drops_in_training_only_and_keeps_the_expectation():
-    drop = fused.Dropout(0.25)
-    x = torch.ones(400, 500)
-    torch.manual_seed(0)
-    out = drop(x)
-    assert out.eq(0).float().mean().item() == pytest.approx(0.25, abs=0.01)
-    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
-    torch.manual_seed(0)
-    assert torch.equal(drop(x), out)                                   # follows torch's seed
-    x.requires_grad_()
-    torch.manual_seed(0)
-    drop(x).sum().backward()
-    assert torch.equal(x.grad.eq(0), out.eq(0))                        # no gradient through dropped values
-    assert torch.equal(drop.eval()(x), x)
-    assert torch.equal(fused.Dropout(0.0)(x), x)
 
 
 # The kernel's entry points read raw CPU pointers: a tensor on another device ("meta" stands in for CUDA,
@@ -252,9 +298,7 @@ def test_head_dropout_drops_in_training_only_and_keeps_the_expectation():
 
 @pytest.fixture
 def kernel():
-    if not fused.available():
-        pytest.skip("no fused kernel here")
-    return fused.kernel()
+    return cpu_kernel.load()
 
 
 def small_stack(layers=2, batch=3, steps=4, inputs=5, hidden=20):

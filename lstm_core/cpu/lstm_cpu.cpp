@@ -1,4 +1,4 @@
-// The LSTM recurrence for CPUs in fp32, built on first use by lstm_core/fused.py, and the training loop's
+// The LSTM recurrence for CPUs in fp32, built on first use by kernel.py beside it, and the training loop's
 // other per-batch work in torch ops too small to pay their way: batches of images (batch_images) and
 // dropout masks (dropout_mask).
 //
@@ -30,7 +30,7 @@
 namespace {
 
 // Vectors of floats for the gate loops and batch_images: AVX-512 (16 lanes), AVX2 with FMA (8 lanes) or
-// plain floats, whichever the compiler targets (fused.py builds with -march=native). Loads and stores
+// plain floats, whichever the compiler targets (kernel.py builds with -march=native). Loads and stores
 // take a mask for the last, partial vector of a row, so a hidden size that is not a multiple of the
 // width (95 in the tutorial recipe) costs no scalar tail.
 #if defined(__AVX512F__)
@@ -198,8 +198,8 @@ class WorkerMode {
 };
 
 // The steps' buffers (gates, states, their gradients) come back with the same shapes every batch. glibc
-// maps each block over 32 MB afresh and unmaps it when freed, so each batch of the pixel model faulted its
-// ~0.5 GB of buffers in again (half its training time). Blocks of 4 MB and more are kept here when
+// maps each block over 32 MB afresh and unmaps it when freed, so each batch of the pixel model faulted all
+// its buffers in again, a large share of its training time. Blocks of 4 MB and more are kept here when
 // freed, by size, for the next batch: up to 2 GB, beyond which a freed block goes back to the system.
 class BufferPool {
  public:
@@ -244,8 +244,8 @@ torch::Tensor pooled_empty(at::IntArrayRef sizes) {
 }
 
 // dst (rows, cols; row stride dst_ld) = the sum of `parts` matrices (cols, rows; row stride src_ld, the
-// next one part_stride further on), transposed. In 16 x 16 tiles that stay in L1: torch's cat and
-// transposed copies of the weights took ~0.1 ms per layer and batch.
+// next one part_stride further on), transposed. In 16 x 16 tiles that stay in L1, instead of torch's cat
+// and a transposed copy of the weights per layer and batch.
 void transpose_sum(const float* src, int64_t src_ld, int64_t parts, int64_t part_stride, float* dst,
                    int64_t dst_ld, int64_t rows, int64_t cols) {
   constexpr int64_t kTile = 16;
@@ -742,10 +742,10 @@ torch::Tensor dropout_mask(int64_t numel, double p, int64_t seed) {
 
 // A training or evaluation batch as the model reads it, in one pass: images[idx] (uint8, (N, 28, 28)) as
 // floats in [0, 1], each moved by its own random affine map when u (B, 5) is given, then normalised,
-// (x - mean) / std. The map is data.augment's: u in [-1, 1] scaled by spans (rotation and shear in
+// (x - mean) / std. The map is data.warp's: u in [-1, 1] scaled by spans (rotation and shear in
 // radians, zoom, x and y shift in grid units) gives the inverse map (output pixel -> input pixel) that
 // F.grid_sample(align_corners=False, padding_mode="zeros") would sample bilinearly. torch's version
-// takes ~20 small ops and a generic grid_sample, 0.5 ms for 128 images; this one ~0.05 ms.
+// takes about twenty small ops and a generic grid_sample; this is one pass (README: what stays in cpu/).
 torch::Tensor batch_images(torch::Tensor images, torch::Tensor idx, std::optional<torch::Tensor> u_or_none,
                            std::vector<double> spans, double mean, double std) {
   constexpr int64_t kSide = 28, kPixels = kSide * kSide, kPad = 32;  // the source, zero-bordered, at (1, 1)

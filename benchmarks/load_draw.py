@@ -1,8 +1,8 @@
-"""Load test of the Draw page (issue 7): N sessions drawing and predicting at once while a real training
+"""Load benchmark of the Draw page: N sessions drawing and predicting at once while a real training
 run goes on, reporting the latency of each prediction.
 
-    PYTHONPATH=. .venv/bin/python -m tests.load_draw --sessions 20 --seconds 60     # or: make load
-    PYTHONPATH=. .venv/bin/python -m tests.load_draw --client browser --sessions 4   # real Chromium tabs
+    .venv/bin/python -m benchmarks.load_draw --sessions 20 --seconds 60     # or: make load
+    .venv/bin/python -m benchmarks.load_draw --client browser --sessions 4   # real Chromium tabs
 
 In a throwaway saves root it trains a small real model (seconds) for the Draw page to use, starts
 `streamlit run` on a free port and a background training run (the `default` model on the full data,
@@ -39,14 +39,12 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # `conftest` is the same module under pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, DATA_DIR, stop_live_runs, streamlit_server, tiny_config  # noqa: E402
+from .harness import CHROMIUM, CHROMIUM_ARGS, stop_live_runs, streamlit_server
 
 GOAL_P95_MS = 300.0
 CANVAS_DEBOUNCE_MS = 200      # streamlit-drawable-canvas sends a drawing this long after the last mouse-up
@@ -59,13 +57,17 @@ BROWSER_ARGS = CHROMIUM_ARGS + ["--disable-background-timer-throttling", "--disa
 
 # -- setup: a model to draw with, a training run to compete with -----------------------------------
 def train_model(root: Path, mnist=None) -> str:
-    """A small real model in `root` (a few seconds), like the tests' trained_saves."""
+    """A small real model in `root` (a few seconds on 2,000 samples), like the tests' trained_saves."""
+    from lstm_core.config import NO_AUGMENTATION, preset
     from lstm_core.data import load_mnist
-    from lstm_core.runs import RunRecorder, create_run
+    from lstm_core.recorder import RunRecorder
+    from lstm_core.runs import create_run
     from lstm_core.train import fit
 
-    run = create_run(tiny_config(), root)
-    fit(run.config(), [RunRecorder(run)], data=mnist if mnist is not None else load_mnist(DATA_DIR))
+    config = preset("default").replace(hidden_size=48, epochs=2, limit_train=2000, val_size=1000, lr=1e-2,
+                                       scheduler="none", **NO_AUGMENTATION)
+    run = create_run(config, root)
+    fit(run.config(), [RunRecorder(run)], data=mnist if mnist is not None else load_mnist())
     return run.id
 
 
@@ -667,7 +669,7 @@ def print_report(r: dict) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tests.load_draw", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load_draw", description=__doc__.splitlines()[0])
     p.add_argument("--sessions", type=int, default=20, help="concurrent sessions (default 20)")
     p.add_argument("--seconds", type=float, default=60, help="how long they all draw (default 60)")
     p.add_argument("--client", choices=["ws", "browser"], default="ws",

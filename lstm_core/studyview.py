@@ -1,0 +1,143 @@
+"""What the Tuning page shows of a study, as data: the study picker's labels, whether a study runs, what
+each of Optuna's plots still needs, the contour's axes, and the trials that can be inspected.
+
+    study, live = load_study(storage, "lstm")         # None before a just-launched study exists
+    ready = plottable(study)                           # ready.notes["history"]: None, or what it needs
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from .jobs import study_running
+from .runs import RunError, saves_root, study_dir
+from .tune import default_storage, state_counts, study_summaries, trial_rows
+
+TARGET = "val accuracy"     # what every trial's value is (the best validation accuracy of its epochs)
+
+
+def storage_studies(url: str) -> list[dict]:
+    """tune.study_summaries of the storage at `url` (ConfigError: it cannot be opened). The default
+    storage of a fresh install has no folder yet: it is made, for an empty storage rather than an error."""
+    if url == default_storage():
+        saves_root().mkdir(parents=True, exist_ok=True)
+    return study_summaries(url)
+
+
+def study_labels(summaries: list[dict], running: list[str]) -> dict[str, str]:
+    """The picker's label of each study (tune.study_summaries), newest first, then those launched that
+    have not created their study yet (`running`: jobs.running_studies)."""
+    labels = {s["name"]: f"{s['name']} · {s['trials']} trial{'' if s['trials'] == 1 else 's'}"
+              + (f" · best {s['best_value']:.2%}" if s["best_value"] is not None else "")
+              for s in sorted(summaries, key=lambda s: s["started"] or "", reverse=True)}
+    labels.update({n: f"{n} · starting" for n in running if n not in labels})
+    return labels
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study | None, bool]:
+    """The study (None before a just-launched one exists) and whether it is running."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None, study_running(name)
+    return study, state_counts(study)["RUNNING"] > 0 or study_running(name)
+
+
+def absent_study(name: str, live: bool) -> tuple[str, str]:
+    """(level, line) for a study its storage does not hold (`live`: its launch is running): one starting,
+    one whose process ended before creating it (with the end of its log), or none at all."""
+    if live:
+        return "info", f"Study {name} is starting: loading the data."
+    tail = log_tail(name)
+    if tail:
+        return "error", f"The study process ended before creating study {name}:\n\n```\n{tail}\n```"
+    return "warning", f"There is no study {name} in this storage."
+
+
+def log_tail(name: str, lines: int = 5) -> str:
+    """The end of the study's tune.log (only a study launched from the app has one), "" without one."""
+    try:
+        return "\n".join((study_dir(name) / "tune.log").read_text(errors="replace").splitlines()[-lines:])
+    except (OSError, RunError):
+        return ""
+
+
+@dataclass(frozen=True)
+class Plottable:
+    """What a study can plot now."""
+    params: list[str]                   # the parameters of its complete trials, sorted
+    varying: list[str]                  # those that take more than one value there
+    notes: dict[str, str | None]        # per plots.STUDY_PLOTS name: None to draw it, else what it still needs
+
+    @property
+    def contour(self) -> bool:
+        """Whether a contour pair can be picked (its note then depends on the pair: contour_note)."""
+        return self.notes["contour"] is None
+
+
+def plottable(study: optuna.Study) -> Plottable:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    params = sorted({p for t in complete for p in t.params})
+    varying = [p for p in params if len({repr(t.params.get(p)) for t in complete}) > 1]
+    none = "No complete trial yet." if not complete else None
+    curves = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
+    return Plottable(params, varying, {
+        "history": none, "parallel": none, "slice": none,
+        "intermediate": None if curves else "No trial has finished an epoch yet.",
+        "contour": None if len(params) >= 2 and len(complete) >= 2
+        else "The contour plot needs two searched parameters and two complete trials.",
+        "importances": None if len(complete) >= 2 and varying
+        else "Parameter importances need two complete trials whose parameters differ."})
+
+
+def contour_pair(ready: Plottable, current: list[str] | None) -> list[str]:
+    """The contour's axes: the current pick while it names this study's parameters, else two of them,
+    varying ones first."""
+    if current is not None and set(current) <= set(ready.params):
+        return current
+    return (ready.varying + [p for p in ready.params if p not in ready.varying])[:2]
+
+
+def contour_note(ready: Plottable, pair: list[str]) -> str | None:
+    """None when the contour of `pair` can be drawn, else why not (a contour over one value is empty)."""
+    if not ready.contour:
+        return ready.notes["contour"]
+    flat = [p for p in pair if p not in ready.varying]
+    return ("Pick two parameters for the contour plot." if len(pair) < 2 else
+            f"{flat[0]} has the same value in every complete trial: pick one that varies." if flat else None)
+
+
+def evaluated_trials(study: optuna.Study) -> dict[int, dict]:
+    """The trials with a test evaluation in their run folder, by number (rows of tune.trial_rows)."""
+    return {r["number"]: r for r in trial_rows(study)
+            if r["run_dir"] and (Path(r["run_dir"]) / "eval.json").is_file()}
+
+
+def first_trial(trials: dict[int, dict]) -> int:
+    """The trial to inspect first: the best complete one, else the last."""
+    scored = [r for r in trials.values() if r["state"] == "COMPLETE" and r["value"] is not None]
+    return max(scored, key=lambda r: r["value"])["number"] if scored else list(trials)[-1]
+
+
+def trial_label(row: dict) -> str:
+    return (f"trial {row['number']} · {row['state'].lower()}"
+            + (f" · {TARGET} {row['value']:.2%}" if row["value"] is not None else ""))
+
+
+def draw_id(run_dir: str) -> str | None:
+    """The id the Draw page knows a trial's model by, None for one it cannot load (saved outside this
+    saves root, or without its best.pt)."""
+    path = Path(run_dir)
+    local = path.parent.parent == saves_root() / "studies" and (path / "best.pt").is_file()
+    return f"{path.parent.name}/{path.name}" if local else None
+
+
+def study_metrics(study: optuna.Study) -> list[tuple]:
+    """(label, value[, help]) of the study's trials by state and of its best trial."""
+    counts = state_counts(study)
+    best = study.best_trial if counts["COMPLETE"] else None
+    return [("complete", counts["COMPLETE"]), ("pruned", counts["PRUNED"]), ("failed", counts["FAIL"]),
+            ("running", counts["RUNNING"]),
+            (f"best {TARGET}", f"{best.value:.2%}" if best else "–", f"trial {best.number}" if best else None)]

@@ -1,0 +1,117 @@
+"""The Train page's form without Streamlit: which widget asks for each TrainConfig field, the command line
+that trains the config the widgets hold, and Start.
+
+    ask = field_input("hidden_size", 128, devices)     # FieldInput("slider", "hidden size", {...})
+    train_command(config, "default")                     # 'python -m lstm_core train --preset default ...'
+    parameter_count(config)                              # 82186 for the default preset
+    run, notice = start_training(config)                 # launched in the background
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+from .__main__ import flag
+from .config import BOUNDS, CHOICES, FIELD_TYPES, ConfigError, TrainConfig, from_dict, preset
+from .models import build_model, count_parameters
+from .jobs import describe_holder, device_holder, launch_training, pick_device, training_devices
+from .runs import Run
+
+# the fields shown above the Advanced expander, in this order; the others are in it, in TrainConfig's order
+COMMON = ("arch", "seq_mode", "hidden_size", "num_layers", "dropout", "bidirectional", "optimizer", "lr",
+          "batch_size", "epochs", "device")
+ADVANCED = tuple(f.name for f in fields(TrainConfig) if f.name not in COMMON)
+# slider ranges where they are narrower than what the config accepts (a wider current value widens them)
+UI_RANGE = {"hidden_size": (1, 1024), "batch_size": (1, 1024), "epochs": (1, 200), "patience": (0, 100),
+            "grad_clip": (0.0, 10.0), "aug_rotate": (0.0, 45.0), "aug_translate": (0.0, 0.3),
+            "aug_scale": (0.0, 0.3), "aug_shear": (0.0, 30.0), "log_every": (1, 500),
+            "num_threads": (0, os.cpu_count() or 1)}
+STEPS = {"dropout": 0.01, "momentum": 0.001, "grad_clip": 0.1, "aug_rotate": 0.5, "aug_translate": 0.01,
+         "aug_scale": 0.01, "aug_shear": 0.5}
+LABELS = {"lr": "learning rate", "seq_mode": "sequence mode", "amp": "mixed precision (amp)",
+          "limit_train": "limit training samples (0 = all)", "val_size": "validation samples",
+          "num_threads": "CPU threads (0 = all cores)", "log_every": "progress every N batches"}
+HELP = {"seq_mode": "rows: 28 steps of 28 pixels; pixels: 784 steps of 1 pixel (sequential MNIST); "
+                    "permuted: pixels in a fixed shuffled order",
+        "patience": "epochs without a better validation loss before stopping (0 = never)",
+        "amp": "auto: each GPU's fast precision (the Home page lists it: fp16 with loss scaling for LSTMs from "
+               "Volta on, bf16 for the CNN from Ampere on), fp32 on a CPU; bf16: bf16 autocast (GPUs from Ampere "
+               "on; cuDNN's LSTM then stays in fp32)",
+        "grad_clip": "maximum gradient norm (0 = off)"}
+# number inputs rather than sliders: a log-scale value, or a wide range where a slider could not aim
+NUMBER_STEPS = {"lr": 1e-4, "weight_decay": 1e-5, "seed": 1, "val_size": 500, "limit_train": 500}
+
+
+@dataclass(frozen=True)
+class FieldInput:
+    """How the Train page asks for one TrainConfig field; the widget's key is the field's name."""
+    kind: str       # the Streamlit widget: "selectbox", "toggle", "number_input" or "slider"
+    label: str
+    args: dict      # the widget's other keyword arguments
+
+
+def field_input(name: str, value, devices) -> FieldInput:
+    """The widget for field `name`, whose current value is `value`; `devices`: available_devices()."""
+    label = LABELS.get(name, name.replace("_", " "))
+    kind = FIELD_TYPES[name]
+    if name == "device":
+        options = ["auto"] + [d.name for d in devices]
+        labels = {"auto": "auto (best available)", **{d.name: f"{d.name} — {d.label}" for d in devices}}
+        if value not in options:
+            options.append(value)
+        return FieldInput("selectbox", label, {"options": options, "format_func": lambda o: labels.get(
+            o, f"{o} (not available here)")})
+    if name in CHOICES:
+        return FieldInput("selectbox", label, {"options": CHOICES[name], "help": HELP.get(name)})
+    if kind is bool:
+        return FieldInput("toggle", label, {"help": HELP.get(name)})
+    low, high = BOUNDS[name]
+    if name in NUMBER_STEPS:
+        args = {"min_value": kind(low), "max_value": kind(high), "step": NUMBER_STEPS[name], "help": HELP.get(name)}
+        return FieldInput("number_input", label, {**args, "format": "%.2e"} if kind is float else args)
+    low, high = UI_RANGE.get(name, (low, high))
+    return FieldInput("slider", label, {"min_value": kind(low), "max_value": max(kind(high), kind(value)),
+                                        "step": 1 if kind is int else STEPS.get(name, 0.01), "help": HELP.get(name)})
+
+
+def form_config(values: dict) -> tuple[TrainConfig | None, str | None]:
+    """The config of the form's `values` (every field, by name), or None and why they make none."""
+    try:
+        return from_dict(values), None
+    except ConfigError as exc:
+        return None, str(exc)
+
+
+@lru_cache(maxsize=64)
+def parameter_count(config: TrainConfig) -> int:
+    """The trainable parameters of the model this config builds (cached: the page asks on every rerun)."""
+    return count_parameters(build_model(config))
+
+
+def train_command(config: TrainConfig, preset_name: str) -> str:
+    """The CLI command equal to `config`: the preset plus a flag for each field that differs from it."""
+    base = preset(preset_name)
+    args = ["python", "-m", "lstm_core", "train", "--preset", preset_name]
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        if value == getattr(base, f.name):
+            continue
+        if isinstance(value, bool):         # the CLI's --name / --no-name pair (BooleanOptionalAction)
+            args.append(flag(f.name) if value else flag(f"no_{f.name}"))
+        else:
+            args += [flag(f.name), f"{value:g}" if isinstance(value, float) else str(value)]
+    return shlex.join(args)
+
+
+def start_training(config: TrainConfig) -> tuple[Run, str]:
+    """Launch a run of `config` in the background: the run, and a line saying whether it started or waits
+    for its device. ConfigError: no device here can train it."""
+    device = pick_device(training_devices(config))
+    holder = device_holder(device)
+    run = launch_training(config)
+    if holder:
+        return run, (f"{device} is busy with {describe_holder(holder)}: run {run.id} is queued and starts when "
+                     "it ends.")
+    return run, f"Started run {run.id}."

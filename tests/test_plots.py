@@ -1,0 +1,143 @@
+"""Every figure the pages draw, built without Streamlit: what each one plots, the Draw page's figures built
+without plotly's validation (and what that would have made of them), and a study's Optuna plots."""
+import optuna
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from lstm_core import plots
+
+CM = [[10 if i == j else (2 if j == (i + 1) % 10 else 0) for j in range(10)] for i in range(10)]
+EPOCHS = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": 1 - 0.1 / e,
+           "val_accuracy": 1 - 0.12 / e} for e in (1, 2, 3)]
+
+
+def test_curves_figure_has_train_and_validation_loss_and_accuracy():
+    fig = plots.curves_figure(EPOCHS)
+    assert [t.name for t in fig.data] == ["train", "validation", "train", "validation"]
+    assert list(fig.data[1].y) == [r["val_loss"] for r in EPOCHS] and list(fig.data[3].x) == [1, 2, 3]
+
+
+def test_running_loss_figure_puts_batches_on_a_fractional_epoch_axis():
+    batches = [{"epoch": 1, "batch": 5, "batches": 10, "loss": 0.9, "accuracy": 0.7},
+               {"epoch": 2, "batch": 10, "batches": 10, "loss": 0.5, "accuracy": 0.9}]
+    fig = plots.running_loss_figure(batches)
+    assert list(fig.data[0].x) == [0.5, 2.0] and list(fig.data[1].y) == [0.7, 0.9]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_confusion_figure_counts_or_row_fractions(normalize):
+    z = plots.confusion_figure(CM, normalize=normalize).data[0].z
+    if normalize:
+        assert all(sum(row) == pytest.approx(1.0) for row in z) and z[0][0] == pytest.approx(10 / 12)
+    else:
+        assert [list(row) for row in z] == CM
+
+
+def test_confusion_difference_is_b_minus_a_on_a_symmetric_scale():
+    b = [[v + (3 if i == j == 4 else 0) for j, v in enumerate(row)] for i, row in enumerate(CM)]
+    heatmap = plots.confusion_difference_figure(CM, b).data[0]
+    assert heatmap.z[4][4] == 3 and sum(map(sum, heatmap.z)) == 3 and (heatmap.zmin, heatmap.zmax) == (-3, 3)
+
+
+def test_overlay_and_per_class_figures():
+    overlay = plots.overlay_figure({"a": EPOCHS, "b": EPOCHS[:2]}, "val_loss")
+    assert [t.name for t in overlay.data] == ["a", "b"]
+    assert list(overlay.data[1].y) == [r["val_loss"] for r in EPOCHS[:2]]
+    per_class = [{"digit": d, "precision": 0.9, "recall": 0.8, "f1": 0.85} for d in range(10)]
+    bars = plots.per_class_figure(per_class)
+    assert [t.name for t in bars.data] == ["precision", "recall", "f1"] and list(bars.data[1].y) == [0.8] * 10
+
+
+# -- the Draw page's figures ---------------------------------------------------------------------------
+HIDDEN = torch.linspace(-1, 1, 28 * 100).reshape(28, 100)
+HIDDEN[:, 7] *= 0      # a unit that never moves
+IMAGE = torch.rand(28, 28, generator=torch.Generator().manual_seed(0))
+STEPS = torch.softmax(torch.randn(28, 10, generator=torch.Generator().manual_seed(0)), 1).tolist()
+DRAW_FIGURES = {
+    "input": lambda: plots.input_figure(IMAGE),
+    "probabilities": lambda: plots.probability_figure([0.02] * 3 + [0.82] + [0.02] * 6, 3),
+    "steps": lambda: plots.steps_figure(STEPS, "row"),
+    "hidden": lambda: plots.hidden_figure(HIDDEN.tolist(), "pixel", limit=64),
+}
+
+
+@pytest.mark.parametrize("name", DRAW_FIGURES)
+def test_a_draw_figure_is_what_plotly_validation_would_make_of_it(name):
+    fig = DRAW_FIGURES[name]()
+    assert isinstance(fig, go.Figure)
+    assert go.Figure(fig.to_dict()).to_dict() == fig.to_dict()      # validating it changes nothing
+
+
+def test_this_plotly_builds_the_draw_figures_unvalidated():
+    assert plots.UNVALIDATED                  # the fast path is the one in use here
+
+
+@pytest.mark.parametrize("name", DRAW_FIGURES)
+def test_without_the_private_flag_the_same_figure_is_built_validated(name, monkeypatch):
+    fast = DRAW_FIGURES[name]().to_dict()
+    monkeypatch.setattr(plots, "UNVALIDATED", False)
+    assert DRAW_FIGURES[name]().to_dict() == fast
+
+
+@pytest.mark.parametrize("refusal", [TypeError, ValueError])
+def test_a_plotly_that_refuses_the_private_flag_is_noticed(monkeypatch, refusal):
+    def figure(*args, **kwargs):
+        if "_validate" in kwargs:
+            raise refusal("invalid Figure property: _validate")
+        return go.Figure(*args, **kwargs)
+    monkeypatch.setattr(plots.go, "Figure", figure)
+    assert plots.skips_validation() is False
+
+
+def test_the_probability_bars_mark_the_predicted_digit():
+    bars = plots.probability_figure([0.02] * 3 + [0.82] + [0.02] * 6, 3).data[0]
+    assert [c == plots.TOP for c in bars.marker.color] == [d == 3 for d in range(10)]
+    assert list(bars.x) == [str(d) for d in range(10)] and bars.text[3] == "82%"
+
+
+def test_the_hidden_state_keeps_the_units_that_vary_most():
+    hidden = [[float(u * t) for u in range(5)] for t in range(4)]     # unit u varies as u
+    assert plots.most_varying(hidden, limit=10) == [0, 1, 2, 3, 4]
+    assert plots.most_varying(hidden, limit=2) == [3, 4]
+    fig = plots.hidden_figure(HIDDEN.tolist(), "pixel", limit=64)
+    heatmap = fig.data[0]
+    assert len(heatmap.x) == 64 and "7" not in heatmap.x and len(heatmap.z) == 28
+    assert heatmap.z[0][0] == HIDDEN[0, int(heatmap.x[0])].item()
+    assert fig.layout.title.text == "Hidden state (64 of 100, most varying)"
+    assert plots.hidden_figure(HIDDEN[:, :10].tolist(), "row").layout.title.text == "Hidden state"
+
+
+# -- a study --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def study() -> optuna.Study:
+    """Three complete trials and one pruned, over two parameters (in memory)."""
+    study = optuna.create_study(direction="maximize")
+    distributions = {"hidden_size": optuna.distributions.IntDistribution(8, 64),
+                     "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    for hidden, lr, value in ((16, 1e-3, 0.8), (32, 1e-2, 0.9), (64, 3e-2, 0.85)):
+        study.add_trial(optuna.trial.create_trial(params={"hidden_size": hidden, "lr": lr}, value=value,
+                                                  intermediate_values={1: value - 0.1, 2: value},
+                                                  distributions=distributions))
+    study.add_trial(optuna.trial.create_trial(params={"hidden_size": 8, "lr": 1e-4}, distributions=distributions,
+                                              state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 0.2}))
+    return study
+
+
+TITLES = {"history": "Optimization History Plot", "intermediate": "Intermediate Values Plot",
+          "contour": "Contour Plot", "importances": "Hyperparameter Importances",
+          "parallel": "Parallel Coordinate Plot", "slice": "Slice Plot"}
+
+
+@pytest.mark.parametrize("kind", plots.STUDY_PLOTS)
+def test_each_of_optunas_plots_of_a_study(study, kind):
+    fig = plots.study_figure(study, kind, "val accuracy", params=["hidden_size", "lr"], height=300)
+    assert fig.layout.title.text == TITLES[kind] and fig.layout.height == 300
+
+
+def test_pruned_trials_are_dotted_and_crossed_where_they_stopped(study):
+    fig = plots.study_figure(study, "intermediate", "val accuracy")
+    curves = {t.name: t for t in fig.data}
+    assert curves["Trial3"].line.dash == "dot" and curves["Trial0"].line.dash is None
+    assert (list(curves["pruned"].x), list(curves["pruned"].y)) == ([1], [0.2])
+    assert fig.layout.yaxis.title.text == "val accuracy"

@@ -1,0 +1,107 @@
+"""The Tuning page's launch form without Streamlit: the range widgets, the search space and `tune` command
+they make (checked up front), and the launch."""
+import json
+
+import pytest
+
+from lstm_core import tuneform
+from lstm_core.__main__ import build_parser
+from lstm_core.config import ConfigError
+from lstm_core.runs import RunError
+from lstm_core.tune import DEFAULT_SPACE, check_space, make_storage
+from lstm_core.tuneform import (LAUNCH, LAUNCH_INPUTS, first_pick, log_grid, picked_range, plan_study,
+                                range_input)
+
+SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 16},
+         "lr": {"type": "float", "low": 0.005, "high": 0.02, "log": True}}
+
+
+def test_log_grid_steps_1_2_5_per_decade():
+    assert log_grid(1e-3, 1e-1) == [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+    assert log_grid(3e-3, 0.3) == [5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2]
+
+
+def test_each_searched_parameter_gets_the_widget_of_its_kind():
+    kinds = {name: range_input(name, first_pick(name)).kind for name in DEFAULT_SPACE}
+    assert kinds == {"optimizer": "pills", "lr": "select_slider", "weight_decay": "select_slider",
+                     "hidden_size": "slider", "num_layers": "slider", "dropout": "slider", "batch_size": "slider",
+                     "bidirectional": "pills"}
+    assert range_input("bidirectional", [True]).args["options"] == [False, True]
+    assert range_input("optimizer", ["adam"]).args["options"] == ["adam", "adamw", "sgd", "rmsprop"]
+    batch = range_input("batch_size", (64, 256)).args
+    assert (batch["min_value"], batch["max_value"], batch["step"]) == (64, 1024, 64)
+    assert range_input("dropout", (0.1, 0.5)).args == {"min_value": 0.0, "max_value": 0.8, "step": 0.05}
+
+
+def test_a_log_range_offers_its_grid_and_its_last_pick():
+    ask = range_input("lr", (3e-5, 0.02))
+    assert ask.label == "lr" and ask.args["value"] == (3e-5, 0.02)
+    assert {3e-5, 0.02, 1e-6, 1.0} <= set(ask.args["options"]) and ask.args["options"] == sorted(ask.args["options"])
+    assert ask.args["format_func"](3e-5) == "3e-05"
+
+
+@pytest.mark.parametrize("name", DEFAULT_SPACE)
+def test_the_first_picks_make_the_default_space(name):
+    assert picked_range(name, first_pick(name)) == DEFAULT_SPACE[name]
+
+
+def test_picks_in_the_search_space_format():
+    assert picked_range("dropout", (0.10000000000000002, 0.35)) == {"type": "float", "low": 0.1, "high": 0.35}
+    assert picked_range("hidden_size", (8, 16)) == {"type": "int", "low": 8, "high": 16}
+    assert picked_range("lr", (0.005, 0.02)) == SPACE["lr"]
+    assert picked_range("optimizer", ["adam"]) == {"type": "categorical", "choices": ["adam"]}
+
+
+def test_the_launch_inputs_cover_every_value_of_the_form():
+    assert list(LAUNCH_INPUTS) == list(LAUNCH)
+    assert LAUNCH_INPUTS["sampler"].args["options"][0] == LAUNCH["sampler"]
+    assert LAUNCH_INPUTS["limit_train"].label == "limit training samples (0 = all)"
+
+
+def tune_args(plan) -> dict:
+    return vars(build_parser().parse_args(["tune", *plan.args]))
+
+
+def test_the_plan_is_the_tune_command_of_the_form(saves):
+    plan = plan_study("wide", {**LAUNCH, "trials": 7, "workers": 2, "sampler": "random"}, SPACE, "sqlite:///x.db")
+    args = tune_args(plan)
+    assert (args["study"], args["trials"], args["workers"], args["sampler"], args["pruner"]) == ("wide", 7, 2,
+                                                                                                  "random", "median")
+    assert (args["storage"], args["preset"], args["epochs"], args["limit_train"], args["val_size"]) == (
+        "sqlite:///x.db", "default", 3, 10000, 5000)
+    assert args["space"] == str(saves / "studies" / "wide" / "space.json") and args["timeout"] is None
+    assert (plan.name, plan.storage, plan.space) == ("wide", "sqlite:///x.db", SPACE)
+    assert tune_args(plan_study("wide", {**LAUNCH, "timeout": 600}, SPACE, "sqlite:///x.db"))["timeout"] == 600
+
+
+def test_a_plan_is_refused_with_its_first_problem(saves, monkeypatch):
+    with pytest.raises(RunError, match="invalid study name '../up'"):
+        plan_study("../up", LAUNCH, SPACE, "sqlite:///x.db")
+    wide = {"batch_size": {"type": "int", "low": 64, "high": 512}}
+    with pytest.raises(ConfigError, match=r"with batch_size = 512: limit_train \(300\) must be at least batch_size"):
+        plan_study("ok", {**LAUNCH, "limit_train": 300}, wide, "sqlite:///x.db")
+    monkeypatch.setattr(tuneform, "study_running", lambda name: name == "busy")
+    with pytest.raises(RunError, match="Study busy is running: stop it first, or pick another name."):
+        plan_study("busy", LAUNCH, SPACE, "sqlite:///x.db")
+    assert check_space(plan_study("idle", LAUNCH, SPACE, "sqlite:///x.db").space) == SPACE
+    assert not (saves / "studies").exists()                  # planning writes nothing
+
+
+def test_launch_writes_the_space_and_starts_the_planned_command(saves, monkeypatch):
+    started = []
+    monkeypatch.setattr(tuneform, "launch_study", lambda *args: started.append(args))
+    url = f"sqlite:///{saves / 'optuna.db'}"
+    plan = plan_study("wide", LAUNCH, SPACE, url)
+    tuneform.launch(plan, make_storage(url))
+    assert json.loads((saves / "studies" / "wide" / "space.json").read_text()) == SPACE
+    assert started == [(plan.args, "wide", url)]
+
+
+def test_launch_refuses_a_storage_it_cannot_write(saves, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuneform, "launch_study", lambda *args: pytest.fail("launched"))
+    path = tmp_path / "studies.db"
+    make_storage(f"sqlite:///{path}")
+    url = f"sqlite:///file:{path}?mode=ro&uri=true"
+    with pytest.raises(ConfigError, match="attempt to write a readonly database"):
+        tuneform.launch(plan_study("wide", LAUNCH, SPACE, url), make_storage(url, heartbeat=False))
+    assert not (saves / "studies").exists()
