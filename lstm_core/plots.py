@@ -51,6 +51,42 @@ def running_loss_figure(batches: list[dict], height: int = 260) -> go.Figure:
     return fig
 
 
+def gradient_figure(batches: list[dict], height: int = 260) -> go.Figure:
+    """Gradient health per `log_every`-batch window (train.GradientHealth): the total gradient norm before
+    clipping (mean and max of the window) and each layer's, on a log axis, so a norm that falls by orders of
+    magnitude (vanishing) or jumps (exploding) shows; the share of steps that clipping cut, on the right."""
+    rows = [r for r in batches if "grad_norm" in r]
+    x = [(r["epoch"] - 1) + r["batch"] / r["batches"] for r in rows]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=x, y=[r["grad_norm"] for r in rows], name="total (mean)", line={"color": "#111111"},
+                             hovertemplate="epoch %{x:.2f}<br>gradient norm %{y:.3g}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=x, y=[r["grad_norm_max"] for r in rows], name="total (max)",
+                             line={"color": "#111111", "dash": "dot", "width": 1},
+                             hovertemplate="epoch %{x:.2f}<br>largest norm %{y:.3g}<extra></extra>"))
+    layers = list(dict.fromkeys(name for r in rows for name in r.get("layer_grad_norms") or {}))
+    for name in layers:
+        fig.add_trace(go.Scatter(x=x, y=[(r.get("layer_grad_norms") or {}).get(name) for r in rows], name=name,
+                                 line={"width": 1.5},
+                                 hovertemplate=f"epoch %{{x:.2f}}<br>{name} %{{y:.3g}}<extra></extra>"))
+    if any(r.get("clip_fraction") is not None for r in rows):
+        fig.add_trace(go.Bar(x=x, y=[r.get("clip_fraction") for r in rows], name="clipped steps", opacity=0.25,
+                             marker={"color": VAL},
+                             hovertemplate="epoch %{x:.2f}<br>clipped %{y:.0%} of steps<extra></extra>"),
+                      secondary_y=True)
+        fig.update_yaxes(title_text="clipped", tickformat=".0%", range=[0, 1], secondary_y=True, showgrid=False)
+    bad = [(xi, r["nonfinite_steps"]) for xi, r in zip(x, rows) if r.get("nonfinite_steps")]
+    if bad:
+        fig.add_trace(go.Scatter(x=[b[0] for b in bad], y=[None] * len(bad), mode="markers", name="non-finite",
+                                 marker={"color": "red", "symbol": "x", "size": 10}, showlegend=True))
+        for xi, _ in bad:
+            fig.add_vline(x=xi, line={"color": "red", "width": 1, "dash": "dot"})
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="gradient norm", type="log", secondary_y=False)
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, barmode="overlay",
+                      legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
 def confusion_figure(cm: list[list[int]], normalize: bool = False, title: str = "", height: int = 430) -> go.Figure:
     """The 10x10 confusion matrix, true digits down, predictions across; counts or row-normalized."""
     if normalize:

@@ -11,6 +11,7 @@ A stop (the `stop` event or callable, or a callback setting state.should_stop) i
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -80,7 +81,67 @@ class FitState:
     generator: torch.Generator | None = None
     amp: AmpPolicy | None = None          # the mixed-precision policy (devices.amp_policy)
     scaler: Any = None                    # torch.amp.GradScaler, enabled when the policy has fp16 in it
+    gradients: "GradientHealth | None" = None   # gradient norms and clipping between progress records
     started: float = field(default_factory=time.perf_counter)
+
+
+def layer_name(param: str) -> str:
+    """The layer a parameter belongs to, as gradient health reports it: 'lstm.weight_ih_l1_reverse' ->
+    'lstm 2 backward', 'lstm.bias_hh_l0' -> 'lstm 1', 'head.weight' -> 'head', 'features.3.bias' -> 'features.3'."""
+    match = re.fullmatch(r"(.*)\.(?:weight|bias)_(?:ih|hh)_l(\d+)(_reverse)?", param)
+    if match:
+        return f"{match[1]} {int(match[2]) + 1}" + (" backward" if match[3] else "")
+    return param.rpartition(".")[0] or param
+
+
+class GradientHealth:
+    """The gradients' norm before clipping, in all and per layer, and how often clipping fired: the signal
+    that shows an LSTM's gradients vanishing (per-layer norms falling towards 0) or exploding (norms
+    jumping, clipping firing on most steps, non-finite steps). Summed on the device between progress
+    records, so a step never waits for the device; record() reads and resets the sums."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        names = [layer_name(name) for name, _ in named]
+        self.layers = list(dict.fromkeys(names))
+        # (layers, params): 1 where a parameter belongs to a layer, to sum squared norms per layer in one op
+        self.members = torch.tensor([[float(n == layer) for n in names] for layer in self.layers], device=device)
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        zero = lambda *shape: torch.zeros(shape, device=self.device)  # noqa: E731
+        self.total_sum, self.total_max, self.layer_sum = zero(), zero(), zero(len(self.layers))
+        self.finite, self.clipped, self.steps = zero(), zero(), 0
+
+    def measure(self, max_norm: float) -> torch.Tensor:
+        """This step's total gradient norm (gradients already unscaled), added to the sums."""
+        squares = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float32).square() if p.grad is not None
+                               else torch.zeros((), device=self.device) for p in self.params])
+        total = squares.sum().sqrt()
+        ok = torch.isfinite(total)
+        self.total_sum += torch.where(ok, total, 0.0)
+        self.layer_sum += torch.where(ok, (self.members @ squares).sqrt(), 0.0)
+        torch.maximum(self.total_max, torch.where(ok, total, 0.0), out=self.total_max)
+        self.finite += ok
+        if max_norm:
+            self.clipped += total > max_norm
+        self.steps += 1
+        return total
+
+    def record(self, max_norm: float) -> dict:
+        """The means since the last record (over steps with finite gradients), then the sums start again."""
+        finite = int(self.finite.item())
+        n = max(finite, 1)
+        layers = (self.layer_sum / n).tolist()
+        out = {"grad_norm": self.total_sum.item() / n if finite else None,
+               "grad_norm_max": self.total_max.item() if finite else None,
+               "layer_grad_norms": dict(zip(self.layers, layers)) if finite else {},
+               "clip_fraction": self.clipped.item() / self.steps if max_norm and self.steps else None,
+               "nonfinite_steps": self.steps - finite}
+        self.reset()
+        return out
 
 
 def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter],
@@ -188,7 +249,8 @@ def prepare(config: TrainConfig, data: MNIST | None = None,
     state = FitState(config, device, model, optimizer, make_scheduler(config, optimizer, steps_per_epoch),
                      History(config, str(device)), steps_per_epoch, n_train,
                      generator=torch.Generator().manual_seed(config.seed), amp=policy,
-                     scaler=torch.amp.GradScaler(device.type, enabled=policy.grad_scaler))
+                     scaler=torch.amp.GradScaler(device.type, enabled=policy.grad_scaler),
+                     gradients=GradientHealth(model, device))
     return state, splits
 
 
@@ -237,9 +299,10 @@ def train_step(state: FitState, splits: Splits, idx: torch.Tensor) -> tuple[torc
         loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)                        # the true gradients, for their norms and for clipping
+    norm = state.gradients.measure(config.grad_clip)
     if config.grad_clip:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grads_with_norm_(state.gradients.params, config.grad_clip, norm)
     scaler.step(optimizer)
     scaler.update()
     if config.scheduler in PER_BATCH_SCHEDULERS:
@@ -262,7 +325,8 @@ def batch_record(state: FitState, loss: float, accuracy: float, samples_per_s: f
     return {"event": "batch", "epoch": state.epoch + 1, "batch": state.batch, "batches": state.steps_per_epoch,
             "step": done, "steps": total, "loss": loss, "accuracy": accuracy, "samples_per_s": samples_per_s,
             "lr": state.optimizer.param_groups[0]["lr"], "elapsed": elapsed,
-            "eta": elapsed / done * (total - done), "time": time.time()}
+            "eta": elapsed / done * (total - done), "time": time.time(),
+            **(state.gradients.record(state.config.grad_clip) if state.gradients else {})}
 
 
 def end_epoch(state: FitState, splits: Splits, train: dict) -> dict:

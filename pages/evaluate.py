@@ -8,8 +8,8 @@ import numpy as np
 import streamlit as st
 
 from lstm_core.data import DataUnavailable, load_mnist
-from lstm_core.plots import confusion_difference_figure, confusion_figure, per_class_figure
-from lstm_core.runs import list_runs, list_trials, read_json
+from lstm_core.plots import confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure
+from lstm_core.runs import RunError, list_runs, list_trials, read_json, run_at
 from lstm_core.runview import eval_metrics, evaluated_label
 from pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, saved
 
@@ -78,7 +78,20 @@ def one_run(rows: dict[str, dict]) -> None:
     with right:
         st.markdown("**Per-class precision, recall and F1**")
         st.plotly_chart(per_class_figure(result["per_class"]), key="eval_per_class")
+    gradients(rows[run_id]["path"])
     gallery(result.get("misclassified") or [])
+
+
+def gradients(path: str) -> None:
+    """How the run's gradients behaved while it trained (its progress records), where it recorded them."""
+    try:
+        batches = [r for r in run_at(path).metrics() if r.get("event") == "batch" and "grad_norm" in r]
+    except (RunError, OSError):
+        return
+    if batches:
+        st.markdown("**Gradient health while training**", help="the gradient norm before clipping, in all and "
+                    "per layer (log scale), and the share of steps that clipping cut")
+        st.plotly_chart(gradient_figure(batches), key="eval_gradients")
 
 
 def side_by_side(rows: dict[str, dict]) -> None:

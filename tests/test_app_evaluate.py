@@ -81,6 +81,10 @@ def test_one_run_shows_its_matrix_per_class_metrics_macros_and_mistakes(runs):
     assert len(evaluation["misclassified"]) > 40 and len(gallery.value) == 40
     assert gallery.captions == [f"{m['true']} → {m['pred']} ({m['confidence']:.0%})" for m in top]
     assert all(url.endswith(".png") for url in gallery.value)       # lossless: no JPEG smear on the pixels
+    recorded = [r for r in run.metrics() if r.get("event") == "batch"]
+    gradients = figures["eval_gradients"]
+    assert gradients["layout"]["yaxis"]["type"] == "log"
+    assert gradients["data"][0]["y"] == [r["grad_norm"] for r in recorded]      # the run's own progress records
 
     at.toggle(key="eval_normalize").set_value(True).run()
     rows = charts(check(at))["eval_cm"]["data"][0]["z"]
@@ -121,4 +125,4 @@ def test_side_by_side_needs_two_runs(tmp_path, monkeypatch, mnist):
     monkeypatch.setenv("LSTM_SAVES", str(root))
     at = page()
     assert any("Side by side needs two evaluated runs" in i.value for i in at.info)
-    assert set(charts(at)) == {"eval_cm", "eval_per_class"}
+    assert set(charts(at)) == {"eval_cm", "eval_per_class", "eval_gradients"}   # the one run's, no pair

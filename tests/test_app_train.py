@@ -113,6 +113,10 @@ def test_start_launches_a_background_run_that_completes_and_shows_its_results(sa
     curves = figures[0]
     assert [t["name"] for t in curves["data"]][:2] == ["train", "validation"]
     assert curves["data"][1]["y"] == [r["val_loss"] for r in open_run(run_id).epochs()]
+    # beside the running loss: the gradient norms of the same progress records, on a log axis
+    (gradients,) = [f for f in figures if f["data"][0].get("name") == "total (mean)"]
+    batches = [r for r in open_run(run_id).metrics() if r["event"] == "batch"]
+    assert gradients["data"][0]["y"] == [r["grad_norm"] for r in batches] and gradients["layout"]["yaxis"]["type"] == "log"
     heatmap = figures[-1]["data"][0]
     assert heatmap["type"] == "heatmap" and sum(map(sum, heatmap["z"])) == 10000
     test_accuracy = open_run(run_id).eval()["test_accuracy"]

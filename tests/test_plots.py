@@ -25,6 +25,23 @@ def test_running_loss_figure_puts_batches_on_a_fractional_epoch_axis():
     assert list(fig.data[0].x) == [0.5, 2.0] and list(fig.data[1].y) == [0.7, 0.9]
 
 
+def test_gradient_figure_plots_norms_on_a_log_axis_and_the_clipped_share():
+    batches = [{"epoch": 1, "batch": 5, "batches": 10, "grad_norm": 0.5, "grad_norm_max": 0.9,
+                "layer_grad_norms": {"lstm 1": 0.4, "head": 0.2}, "clip_fraction": 0.2, "nonfinite_steps": 0},
+               {"epoch": 1, "batch": 10, "batches": 10, "grad_norm": 40.0, "grad_norm_max": 900.0,
+                "layer_grad_norms": {"lstm 1": 39.0, "head": 5.0}, "clip_fraction": 1.0, "nonfinite_steps": 2},
+               {"epoch": 1, "batch": 10, "batches": 10, "loss": 0.3}]          # a record from before gradient health
+    fig = plots.gradient_figure(batches)
+    names = [t.name for t in fig.data]
+    assert names[:4] == ["total (mean)", "total (max)", "lstm 1", "head"] and "clipped steps" in names
+    assert list(fig.data[0].y) == [0.5, 40.0] and list(fig.data[2].y) == [0.4, 39.0]
+    assert fig.layout.yaxis.type == "log"
+    assert list(fig.data[names.index("clipped steps")].y) == [0.2, 1.0]
+    assert "non-finite" in names and fig.layout.shapes[0].x0 == 1.0     # the window with non-finite steps, marked
+    unclipped = plots.gradient_figure([{**b, "clip_fraction": None, "nonfinite_steps": 0} for b in batches[:2]])
+    assert "clipped steps" not in [t.name for t in unclipped.data] and not unclipped.layout.shapes
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_confusion_figure_counts_or_row_fractions(normalize):
     z = plots.confusion_figure(CM, normalize=normalize).data[0].z

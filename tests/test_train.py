@@ -1,3 +1,4 @@
+import json
 import math
 import threading
 
@@ -6,7 +7,7 @@ import torch
 
 from conftest import tiny_config
 from lstm_core.config import OPTIMIZERS, SCHEDULERS, TrainConfig
-from lstm_core.train import Callback, fit
+from lstm_core.train import Callback, fit, layer_name
 
 
 class Recorder(Callback):
@@ -187,3 +188,54 @@ def test_optimizers_are_torchs_own_with_its_fused_step(kind):
     optimizer = make_optimizer(TrainConfig(optimizer=kind), params)
     assert type(optimizer) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind]
     assert optimizer.param_groups[0]["fused"]
+
+
+# -- gradient health -----------------------------------------------------------------------------------
+class Batches(Callback):
+    """The progress records of a fit."""
+
+    def __init__(self):
+        self.records = []
+
+    def on_batch(self, state, record):
+        self.records.append(record)
+
+
+def progress(mnist, **changes) -> list[dict]:
+    batches = Batches()
+    fit(tiny_config(epochs=1, **changes), [batches], data=mnist)
+    return batches.records
+
+
+def test_every_progress_record_carries_the_gradient_norms_per_layer(mnist):
+    records = progress(mnist, num_layers=2, bidirectional=True, grad_clip=0.5, limit_train=500)
+    assert records
+    for r in records:
+        assert 0 < r["grad_norm"] <= r["grad_norm_max"] and r["nonfinite_steps"] == 0
+        assert list(r["layer_grad_norms"]) == ["lstm 1", "lstm 1 backward", "lstm 2", "lstm 2 backward", "head"]
+        assert all(v > 0 for v in r["layer_grad_norms"].values())
+        assert 0 <= r["clip_fraction"] <= 1
+    assert json.loads(json.dumps(records)) == records                  # metrics.jsonl takes them as they are
+
+
+def test_layer_names_follow_the_parameters():
+    assert layer_name("lstm.weight_ih_l0") == layer_name("lstm.bias_hh_l0") == "lstm 1"
+    assert layer_name("lstm.weight_hh_l2_reverse") == "lstm 3 backward"
+    assert layer_name("head.weight") == "head" and layer_name("features.3.bias") == "features.3"
+
+
+@pytest.mark.parametrize("clip, fraction", [(1e-6, 1.0), (100.0, 0.0), (0.0, None)])
+def test_the_clipped_share_counts_the_steps_clipping_cut(mnist, clip, fraction):
+    records = progress(mnist, grad_clip=clip, limit_train=500)
+    assert [r["clip_fraction"] for r in records] == [fraction] * len(records)
+
+
+def test_a_learning_rate_far_too_high_shows_as_exploding_gradients(mnist):
+    """Without clipping, RMSprop at a rate far too high drives the norms up by orders of magnitude (or to
+    non-finite values) within one epoch; the same model under SGD at a sane rate stays flat."""
+    sane = progress(mnist, optimizer="sgd", lr=0.05, momentum=0.0, grad_clip=0.0, scheduler="none")
+    wild = progress(mnist, optimizer="rmsprop", lr=1.0, momentum=0.9, grad_clip=0.0, scheduler="none")
+    sane_max = max(r["grad_norm_max"] for r in sane)
+    assert max(r["grad_norm"] for r in sane) / min(r["grad_norm"] for r in sane) < 30
+    exploded = [r for r in wild if r["nonfinite_steps"] or (r["grad_norm_max"] or 0) > 100 * sane_max]
+    assert exploded, [(r["grad_norm"], r["grad_norm_max"], r["nonfinite_steps"]) for r in wild]
