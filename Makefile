@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test test-fast test-floor bench bench-app gpu-check load setup setup-test chromium postgres clean
+.PHONY: run test test-fast test-floor bench bench-app tensorboard gpu-check load setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -43,6 +43,10 @@ $(VENV_FLOOR)/.installed: pyproject.toml
 # Speed and accuracy figures (the README's table); BENCH_ARGS="--full default" also trains to the end.
 bench: $(VENV)/.installed
 	$(PY) -m lstm_core.bench $(BENCH_ARGS)
+
+# Every run and tuning trial in TensorBoard, with its hyperparameters (HParams tab).
+tensorboard: $(VENV)/.installed
+	$(PY) -m tensorboard.main --logdir saves --host 127.0.0.1 --port 6006
 
 # The app's cold start: `streamlit run` to a healthy server, and to the first page drawn in Chromium.
 bench-app: $(VENV)/.installed-test chromium

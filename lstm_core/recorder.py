@@ -1,5 +1,5 @@
 """The callback that writes a run directory while `fit` trains: status, metrics.jsonl, checkpoints,
-eval.json and curves.svg.
+eval.json, curves.svg and TensorBoard's event files (board.py).
 
     run = create_run(config)
     history = fit(config, [RunRecorder(run)])
@@ -12,6 +12,7 @@ import socket
 import time
 from typing import Any
 
+from . import board
 from .checkpoints import atomic_torch_save, checkpoint_dict, on_cpu
 from .plotfile import curves_svg
 from .runs import Run, append_jsonl, atomic_write_bytes, atomic_write_json, process_start_time, repair_jsonl
@@ -26,6 +27,7 @@ class RunRecorder(Callback):
 
     def __init__(self, run: Run, progress_seconds: float = PROGRESS_SECONDS):
         self.run = run
+        self.board = board.writer_for(run.path)      # None where TensorBoard is not installed
         self.progress_seconds = progress_seconds
         self.pending: list[dict] = []        # progress records not written yet
         self.written_at = -math.inf
@@ -53,6 +55,8 @@ class RunRecorder(Callback):
                 append_jsonl(self.run.metrics_path, record)
 
     def on_batch(self, state: FitState, record: dict) -> None:
+        if self.board:
+            self.board.on_batch(state, record)
         # by time, not by batch: a GPU finishes `log_every` batches many times a second, and each status
         # write is an fsync
         self.pending.append(record)
@@ -72,6 +76,8 @@ class RunRecorder(Callback):
         self.flush()
         append_jsonl(self.run.metrics_path, record)
         self.heartbeat()
+        if self.board:
+            self.board.on_epoch_end(state, record)
 
     def on_train_end(self, state: FitState) -> None:
         self.flush()
@@ -96,10 +102,14 @@ class RunRecorder(Callback):
             "train_seconds": history.train_seconds, "n_test": test.get("n")})
         atomic_write_bytes(self.run.plot_path, curves_svg(history.epochs, title=f"run {self.run.id}").encode())
         append_jsonl(self.run.metrics_path, {"event": "end", "time": time.time(), **history.summary()})
+        if self.board:
+            self.board.on_run_end(state, history)
         self.heartbeat(state="cancelled" if history.stopped == "cancelled" else "completed", ended_at=time.time())
 
     def on_exception(self, state: FitState, exc: BaseException) -> None:
         self.flush()
+        if self.board:
+            self.board.on_exception(state, exc)
         cancelled = isinstance(exc, KeyboardInterrupt)
         self.heartbeat(state="cancelled" if cancelled else "failed", ended_at=time.time(),
                        error=None if cancelled else f"{type(exc).__name__}: {exc}")
