@@ -7,7 +7,12 @@ torch.device.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import platform
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -160,3 +165,48 @@ def resolve_device(name: str) -> torch.device:
         raise RuntimeError("device 'mps' was asked for, but Apple's MPS backend is not available here")
     return device
 
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit(folder: Path = Path(__file__).resolve().parent) -> str | None:
+    """The commit of the checkout this code runs from, with "-dirty" when files differ from it; None outside
+    a git checkout (an installed wheel) or without git."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=folder,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def version_of(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What a run needs recorded to be reproduced and compared fairly: the software versions, the
+    processor it trained on and the code's commit."""
+    gpu = device.type == "cuda"
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "optuna": version_of("optuna"), "lstm_studio": version_of("lstm-studio"),
+            "platform": platform.platform(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(device) if gpu else None,
+            "gpu_capability": ".".join(map(str, cuda_capability(device))) if gpu else None,
+            "device": str(device), "git_commit": git_commit()}

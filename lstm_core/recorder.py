@@ -14,6 +14,7 @@ from typing import Any
 
 from . import board
 from .checkpoints import atomic_torch_save, checkpoint_dict, on_cpu
+from .devices import environment
 from .plotfile import curves_svg
 from .runs import Run, append_jsonl, atomic_write_bytes, atomic_write_json, process_start_time, repair_jsonl
 from .train import Callback, FitState, History
@@ -43,6 +44,7 @@ class RunRecorder(Callback):
 
     def on_run_start(self, state: FitState) -> None:
         repair_jsonl(self.run.metrics_path)       # a resumed run's log may end in a line torn by the kill
+        atomic_write_json(self.run.environment_path, environment(state.device))   # a resume records its own
         pid = os.getpid()
         self.heartbeat(state="running", pid=pid, pid_start=process_start_time(pid), host=socket.gethostname(),
                        started_at=time.time(), device=str(state.device))

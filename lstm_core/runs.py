@@ -237,6 +237,7 @@ class Run:
     last_path = property(lambda self: self.path / "last.pt")
     final_path = property(lambda self: self.path / "final_state_dict.pth")
     plot_path = property(lambda self: self.path / "curves.svg")
+    environment_path = property(lambda self: self.path / "environment.json")
 
     def config(self) -> TrainConfig:
         data = read_json(self.config_path)
@@ -252,6 +253,10 @@ class Run:
 
     def eval(self) -> dict | None:
         return read_json(self.eval_path)
+
+    def environment(self) -> dict:
+        """Where and with what the run trained (devices.environment); {} for a run from before it was recorded."""
+        return read_json_object(self.environment_path)
 
     def status(self) -> dict:
         """status.json, with a live state whose process is gone turned into `interrupted` (and saved)."""

@@ -166,3 +166,19 @@ def selection_key(prefix: str, ids: list[str]) -> str:
     row goes or comes, the same positions name other rows; a table keyed by its ids starts with an empty
     selection instead."""
     return f"{prefix}-" + hashlib.sha1("\n".join(ids).encode()).hexdigest()[:12]
+
+
+def environment_text(env: dict) -> str:
+    """A run's recorded environment (runs.Run.environment) in one line for a person."""
+    if not env:
+        return "Environment not recorded (the run predates it)."
+    parts = [f"Python {env.get('python')}", f"torch {env.get('torch')}"]
+    if env.get("cuda"):
+        parts.append(f"CUDA {env['cuda']}, cuDNN {env.get('cudnn')}")
+    if env.get("optuna"):
+        parts.append(f"Optuna {env['optuna']}")
+    parts.append(f"GPU {env['gpu']} (compute capability {env.get('gpu_capability')})" if env.get("gpu")
+                 else f"CPU {env.get('cpu')}, {env.get('threads')} threads")
+    parts.append(f"commit {env['git_commit'][:12]}{' (uncommitted changes)' if env['git_commit'].endswith('-dirty') else ''}"
+                 if env.get("git_commit") else "no git commit")
+    return " · ".join(parts)

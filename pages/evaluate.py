@@ -2,6 +2,7 @@
 digits it got wrong), and two of them side by side."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import streamlit as st
 from lstm_core.data import DataUnavailable, load_mnist
 from lstm_core.plots import confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure
 from lstm_core.runs import RunError, list_runs, list_trials, read_json, run_at
-from lstm_core.runview import eval_metrics, evaluated_label
+from lstm_core.runview import environment_text, eval_metrics, evaluated_label
 from pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, saved
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
@@ -79,6 +80,8 @@ def one_run(rows: dict[str, dict]) -> None:
         st.markdown("**Per-class precision, recall and F1**")
         st.plotly_chart(per_class_figure(result["per_class"]), key="eval_per_class")
     gradients(rows[run_id]["path"])
+    with contextlib.suppress(RunError, OSError):
+        st.caption(environment_text(run_at(rows[run_id]["path"]).environment()))
     gallery(result.get("misclassified") or [])
 
 

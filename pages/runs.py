@@ -4,7 +4,7 @@ import streamlit as st
 
 from lstm_core.plots import overlay_figure
 from lstm_core.runs import RunError, open_run
-from lstm_core.runview import delete_runs, run_curves, runs_table, selection_key, weight_files
+from lstm_core.runview import delete_runs, environment_text, run_curves, runs_table, selection_key, weight_files
 from pagekit import leave_legacy_navigation, listed_runs
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
@@ -70,7 +70,7 @@ def overlay(selected: list[str]) -> None:
 
 
 def downloads(selected: list[str]) -> None:
-    st.subheader("Weights")
+    st.subheader("Where they trained, and their weights")
     for run_id in selected:
         with st.expander(f"Run `{run_id}`", expanded=len(selected) == 1):
             try:
@@ -78,6 +78,7 @@ def downloads(selected: list[str]) -> None:
             except RunError as exc:
                 st.error(str(exc))
                 continue
+            st.caption(environment_text(run.environment()))
             files = weight_files(run)
             if not files:
                 st.caption("No weights saved yet.")

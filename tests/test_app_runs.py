@@ -115,6 +115,7 @@ def test_a_selected_run_offers_its_weights(read_only):
     at = select(open_page(), read_only[:1])
     assert downloads(at) == ["Download final_state_dict.pth", "Download best.pt"]
     assert all(b.proto.deferred_file_id for b in at.get("download_button"))  # read on click
+    assert any(c.value.startswith("Python ") and "threads" in c.value for c in at.caption)   # where it trained
     at = select(at, read_only)
     assert downloads(at) == ["Download final_state_dict.pth", "Download best.pt"] * 2
     assert len(at.expander) == 2
@@ -126,7 +127,9 @@ def test_only_the_weights_that_exist_are_offered(saves, mnist):
     at = select(open_page(), [run_id])
     assert downloads(at) == ["Download final_state_dict.pth"]
     open_run(run_id).final_path.unlink()
+    open_run(run_id).environment_path.unlink()
     at = check(at.run())
+    assert any("Environment not recorded" in c.value for c in at.caption)
     assert not downloads(at) and any("No weights" in c.value for c in at.caption)
 
 

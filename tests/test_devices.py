@@ -67,3 +67,18 @@ def test_this_machine_reports_its_devices_and_policy():
         assert candidate_devices("auto") == ["cpu"]
         with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
             candidate_devices("cuda")
+
+
+def test_the_environment_names_versions_processor_and_commit():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from lstm_core.devices import environment
+    env = environment(torch.device("cpu"))
+    assert env["torch"] == torch.__version__ and env["python"] == sys.version.split()[0]
+    assert env["cpu"] and env["threads"] == torch.get_num_threads() and env["gpu"] is None
+    assert env["optuna"] and env["device"] == "cpu"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if head:                                                   # a checkout (CI's clean clone is one)
+        assert env["git_commit"].startswith(head)

@@ -124,3 +124,16 @@ def test_weight_files_are_the_ones_saved(saves):
 def test_a_selection_key_changes_with_the_rows():
     assert selection_key("t", ["a", "b"]) == selection_key("t", ["a", "b"]) != selection_key("t", ["b"])
     assert selection_key("t", ["a"]).startswith("t-")
+
+
+def test_the_environment_in_one_line():
+    from lstm_core.runview import environment_text
+    assert "not recorded" in environment_text({})
+    cpu = {"python": "3.11.7", "torch": "2.14.1", "cuda": None, "optuna": "5.1.0", "cpu": "AMD EPYC", "threads": 2,
+           "gpu": None, "git_commit": "0123456789abcdef-dirty"}
+    assert environment_text(cpu) == ("Python 3.11.7 · torch 2.14.1 · Optuna 5.1.0 · CPU AMD EPYC, 2 threads · "
+                                     "commit 0123456789ab (uncommitted changes)")
+    gpu = {**cpu, "cuda": "13.0", "cudnn": 91000, "gpu": "NVIDIA H200", "gpu_capability": "9.0", "git_commit": None}
+    line = environment_text(gpu)
+    assert "CUDA 13.0, cuDNN 91000" in line and "GPU NVIDIA H200 (compute capability 9.0)" in line
+    assert line.endswith("no git commit")
