@@ -176,10 +176,27 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+JOURNAL = "journal:"          # journal:PATH, Optuna's journal file: shared by machines on one filesystem
+METRIC_NAME = "val_accuracy"  # what the objective returns, named in the study for every Optuna tool
+
+
+def journal_path(url: str) -> Path | None:
+    """The file of a journal:PATH storage URL, else None."""
+    return Path(url[len(JOURNAL):]).expanduser() if url.startswith(JOURNAL) else None
+
+
 def make_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An RDB storage with heartbeats: a trial whose worker died is marked FAIL and retried once. Several
-    commands may open a fresh storage at the same moment: each one's first use creates the tables, so the
-    creation takes turns (a file lock for SQLite, a few tries for a database server)."""
+    """The storage a URL names: journal:PATH is Optuna's journal file (no database server; machines share
+    it on one filesystem), anything else a database URL for an RDB storage with heartbeats: a trial whose
+    worker died is marked FAIL and retried once. Several commands may open a fresh database at the same
+    moment: each one's first use creates the tables, so the creation takes turns (a file lock for SQLite,
+    a few tries for a database server)."""
+    journal = journal_path(url)
+    if journal is not None:
+        if not journal.parent.is_dir():
+            raise ConfigError(f"cannot open the study storage {url!r}: the folder {journal.parent} does not exist")
+        from optuna.storages.journal import JournalFileBackend
+        return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
     try:
         with warnings.catch_warnings():       # heartbeats are "experimental" in Optuna since 2.x: not news
@@ -231,6 +248,12 @@ def sqlite_path(url: str) -> Path | None:
 def check_writable(storage: optuna.storages.BaseStorage, url: str) -> None:
     """Refuse, with one line naming the file or URL, a storage this process can read but not write: a study
     there would fail in its first trial with a misleading error."""
+    journal = journal_path(url)
+    if journal is not None:
+        if not os.access(journal if journal.exists() else journal.parent, os.W_OK):
+            raise ConfigError(f"cannot write the study storage file {journal}: permission denied (check the "
+                              "permissions of the file and its folder)")
+        return
     engine = getattr(storage, "engine", None)
     if engine is None:
         return
@@ -320,9 +343,14 @@ class FailureStreak:
 
 def open_study(name: str, storage: str, sampler: str = "tpe", pruner: str = "median",
                seed: int | None = None) -> optuna.Study:
-    return optuna.create_study(study_name=safe_name(name, "study name"), storage=make_storage(storage),
-                               direction="maximize", load_if_exists=True, sampler=make_sampler(sampler, seed),
-                               pruner=make_pruner(pruner))
+    study = optuna.create_study(study_name=safe_name(name, "study name"), storage=make_storage(storage),
+                                direction="maximize", load_if_exists=True, sampler=make_sampler(sampler, seed),
+                                pruner=make_pruner(pruner))
+    if study.metric_names != [METRIC_NAME]:
+        with warnings.catch_warnings():       # "experimental" since Optuna 3.2, and what its tools read
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAME])
+    return study
 
 
 def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = None, space: dict | None = None,
@@ -340,13 +368,15 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     study.set_user_attr("base_config", base.to_dict())
     stop = StopRequest(folder, stop_event or threading.Event())
 
-    def enough(study: optuna.Study, trial) -> None:
-        if stop() or finished_trials(study) >= trials:
+    def stop_requested(study: optuna.Study, trial) -> None:
+        if stop():
             study.stop()
 
     failures = FailureStreak()
     if finished_trials(study) < trials and not stop():
-        study.optimize(objective_for(name, base, space, root, stop), timeout=timeout, callbacks=[enough, failures],
+        # the trial count is across every worker of the study: Optuna's callback counts the storage's trials
+        study.optimize(objective_for(name, base, space, root, stop), timeout=timeout,
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), stop_requested, failures],
                        catch=(RuntimeError, ValueError, MemoryError))
     if failures.reason:
         raise StudyFailing(failures.reason)
@@ -374,6 +404,12 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                      "test_accuracy": t.user_attrs.get("test_accuracy"), "run_dir": t.user_attrs.get("run_dir"),
                      **{f"param_{k}": v for k, v in t.params.items()}})
     return rows
+
+
+def trials_csv(study: optuna.Study) -> str:
+    """Every trial as CSV, in Optuna's own columns (trials_dataframe: number, value, times, params_*,
+    user_attrs_*, state), as optuna-dashboard and notebooks know them."""
+    return study.trials_dataframe().to_csv(index=False)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

@@ -21,7 +21,7 @@ from lstm_core.runview import eval_metrics
 from lstm_core.studyview import (TARGET, Plottable, absent_study, contour_note, contour_pair, draw_id,
                                  evaluated_trials, first_trial, load_study, plottable, storage_studies,
                                  study_labels, study_metrics, trial_label)
-from lstm_core.tune import DEFAULT_SPACE, default_storage, make_storage, trial_rows
+from lstm_core.tune import DEFAULT_SPACE, default_storage, make_storage, trial_rows, trials_csv
 from lstm_core.tuneform import (LAUNCH, LAUNCH_INPUTS, STUDY_KEYS, first_pick, launch, log_scaled, picked_range,
                                 plan_study, range_input)
 from pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, remember,
@@ -146,7 +146,7 @@ def trial_table(study: optuna.Study) -> None:
     st.markdown("**Trials**")
     st.dataframe(frame, hide_index=True, column_order=[c for c in frame.columns if c != "run_dir"],
                  column_config=config, key="tune_table")
-    st.download_button("Download CSV", frame.to_csv(index=False), file_name=f"{study.study_name}-trials.csv",
+    st.download_button("Download CSV", trials_csv(study), file_name=f"{study.study_name}-trials.csv",
                        mime="text/csv", icon=":material/download:", on_click="ignore")
 
 

@@ -147,8 +147,11 @@ def test_the_trial_table_has_a_row_per_trial_and_downloads_as_csv(seeded, monkey
     assert args[0] == "Download CSV" and kwargs["file_name"] == "seeded-trials.csv" and kwargs["mime"] == "text/csv"
     csv = pd.read_csv(io.StringIO(args[1]))
     assert list(csv["number"]) == list(table["number"]) and list(csv["state"]) == list(table["state"])
-    assert csv["value"].tolist() == pytest.approx([t.value for t in seeded.trials])
-    assert list(csv["run_dir"]) == [t.user_attrs["run_dir"] for t in seeded.trials]
+    assert csv["value_val_accuracy"].tolist() == pytest.approx([t.value for t in seeded.trials])   # named
+    assert list(csv["user_attrs_run_dir"]) == [t.user_attrs["run_dir"] for t in seeded.trials]
+    # Optuna's own columns (trials_dataframe), as its other tools and notebooks name them
+    assert list(csv.columns) == list(seeded.trials_dataframe().columns)
+    assert list(csv["params_hidden_size"]) == list(table["param_hidden_size"])
 
 
 def test_picking_a_trial_shows_its_confusion_matrix_and_per_class_metrics(seeded):

@@ -52,6 +52,7 @@ def test_a_study_completes_resumes_and_keeps_a_run_directory_per_trial(saves, sp
     study = optuna.load_study(study_name="s1", storage=storage_of(saves))   # a plain Optuna study
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 5 and [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert study.metric_names == ["val_accuracy"]                           # named for every Optuna tool
     for trial in finished:
         run_dir = saves / "studies" / "s1" / f"trial_{trial.number}"
         assert trial.user_attrs["run_dir"] == str(run_dir)
@@ -201,3 +202,26 @@ def test_a_killed_worker_process_has_its_trial_failed_before_the_command_reports
     assert victim.state == optuna.trial.TrialState.FAIL                # at once, not after the heartbeat's grace
     assert f"worker {child} ended with status -9 in trial {victim.number}: marked failed" in err
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_a_study_in_a_journal_file_runs_and_reads_back_with_optunas_own_storage(saves, space):
+    """journal:PATH is Optuna's journal file: a study with no database server, which machines can share on
+    one filesystem. Two commands add to one study; Optuna's JournalStorage reads it back."""
+    journal = saves / "study.log"
+    for total in (2, 3):
+        out = tune(saves, "--study", "j", "--trials", total, "--space", space, "--storage", f"journal:{journal}",
+                   *SMALL, "--json")
+        assert out.returncode == 0, out.stderr
+    from optuna.storages.journal import JournalFileBackend
+    study = optuna.load_study(study_name="j", storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    assert [t.number for t in study.trials if t.state.is_finished()] == [0, 1, 2]
+    assert study.metric_names == ["val_accuracy"]
+    assert all((saves / "studies" / "j" / f"trial_{n}" / "eval.json").exists() for n in (0, 1, 2))
+
+
+def test_a_journal_in_a_missing_folder_is_one_line(saves, space, tmp_path):
+    out = tune(saves, "--study", "j", "--trials", 1, "--space", space, "--storage",
+               f"journal:{tmp_path / 'nowhere' / 'study.log'}", *SMALL)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert "does not exist" in line and "nowhere" in line
