@@ -98,7 +98,8 @@ def build_parser() -> Parser:
     tune.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop starting trials after this")
     tune.add_argument("--workers", type=int, default=None, help="worker processes on the same storage (default: "
                       "one per GPU when the device is auto and there are several, else 1)")
-    tune.add_argument("--storage", help="Optuna storage URL (default: sqlite:///SAVES/optuna.db)")
+    tune.add_argument("--storage", help="Optuna storage: a database URL (default: sqlite:///SAVES/optuna.db) or "
+                                        "journal:PATH, Optuna's journal file")
     tune.add_argument("--sampler", default="tpe", choices=["tpe", "random", "cmaes", "gp"])
     tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     tune.add_argument("--space", metavar="FILE", help="JSON or TOML search space (default: the built-in one)")

@@ -10,23 +10,21 @@ from pagekit import leave_legacy_navigation, listed_runs
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 # The Home page's table, so a run reads the same on both pages.
+# The columns people compare first (accuracy, model, time), so they show without scrolling sideways; the
+# hyperparameters that describe_model's "Model" does not already say come after.
 COLUMNS = {
     "id": st.column_config.TextColumn("Run", pinned=True),
     "state": st.column_config.TextColumn("State"),
-    "arch": st.column_config.TextColumn("Model"),
-    "seq_mode": st.column_config.TextColumn("Sequence"),
-    "hidden_size": st.column_config.NumberColumn("Hidden size"),
-    "num_layers": st.column_config.NumberColumn("Layers"),
-    "bidirectional": st.column_config.CheckboxColumn("Bidirectional"),
+    "test_accuracy": st.column_config.NumberColumn("Test accuracy", format="%.2f%%"),
+    "best_val_accuracy": st.column_config.NumberColumn("Best val accuracy", format="%.2f%%"),
+    "model": st.column_config.TextColumn("Model"),
+    "epochs_done": st.column_config.NumberColumn("Epochs done"),
+    "duration_s": st.column_config.NumberColumn("Duration", format="%.1f s"),
+    "macro_f1": st.column_config.NumberColumn("Macro F1", format="%.3f"),
     "optimizer": st.column_config.TextColumn("Optimizer"),
     "lr": st.column_config.NumberColumn("Learning rate", format="%g"),
     "batch_size": st.column_config.NumberColumn("Batch size"),
-    "epochs_done": st.column_config.NumberColumn("Epochs done"),
     "epochs": st.column_config.NumberColumn("Epochs"),
-    "best_val_accuracy": st.column_config.NumberColumn("Best val accuracy", format="%.2f%%"),
-    "test_accuracy": st.column_config.NumberColumn("Test accuracy", format="%.2f%%"),
-    "macro_f1": st.column_config.NumberColumn("Macro F1", format="%.3f"),
-    "duration_s": st.column_config.NumberColumn("Duration", format="%.1f s"),
     "device": st.column_config.TextColumn("Device"),
     "created_at": st.column_config.DatetimeColumn("Created (UTC)", format="YYYY-MM-DD HH:mm:ss"),
 }

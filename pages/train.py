@@ -14,7 +14,7 @@ from lstm_core.config import PRESETS, ConfigError, TrainConfig, preset
 from lstm_core.devices import available_devices
 from lstm_core.jobs import launch_resume, request_stop
 from lstm_core.plots import curves_figure, gradient_figure, running_loss_figure
-from lstm_core.runs import LIVE_STATES, RunError, list_runs, open_run
+from lstm_core.runs import LIVE_STATES, RunError, describe_model, list_runs, open_run
 from lstm_core.runview import batch_progress, default_run, ended_note, epoch_metrics, eval_metrics
 from lstm_core.trainform import (ADVANCED, COMMON, field_input, form_config, parameter_count, start_training,
                                  train_command)
@@ -128,13 +128,15 @@ def train_page() -> None:
     devices = available_devices()
     left, right = st.columns([1, 2], gap="large")
     with left:
+        # the primary action first, in view on a laptop screen; it reads the form drawn below it
+        start_slot = st.container()
         config = config_form(devices)
         if config is not None:
             st.caption(f"{parameter_count(config):,} trainable parameters")
         with st.expander("Copy as command"):
             if config is not None:
                 st.code(train_command(config, st.session_state["preset"]), language="bash")
-        if st.button("Start training", type="primary", disabled=config is None, width="stretch"):
+        if start_slot.button("Start training", type="primary", disabled=config is None, width="stretch"):
             start(config)
     with right:
         notice = st.session_state.pop("train_notice", None)
@@ -146,7 +148,9 @@ def train_page() -> None:
         if not runs:
             st.info("No runs yet: set the hyperparameters on the left and press **Start training**.")
             return
-        labels = {r["id"]: f"{r['id']} · {r['state']}" for r in runs}
+        # no state in the label: the picker is drawn once per page run, the state changes in between (the
+        # live view below says it)
+        labels = {r["id"]: f"{r['id']} · {describe_model(r)}" for r in runs}
         # the picker keeps the user's choice; a run started here (or a vanished choice) moves it
         if st.session_state.get("train_pick") not in labels or st.session_state.pop("train_follow", False):
             st.session_state["train_pick"] = default_run(runs, st.session_state.get("train_run"))

@@ -89,6 +89,10 @@ def test_table_lists_every_run_newest_first(read_only, two_runs):
     assert list(table["hidden_size"]) == [48, 32]
     evaluation = json.loads((root / "runs" / read_only[0] / "eval.json").read_text())
     assert table["test_accuracy"][0] == pytest.approx(100 * evaluation["test_accuracy"])
+    # what people compare comes first, in view without scrolling sideways
+    assert list(at.dataframe[0].proto.column_order)[:5] == ["id", "state", "test_accuracy", "best_val_accuracy",
+                                                            "model"]
+    assert table["model"][1] == "LSTM 1x32, rows"
     # nothing selected: a hint, and no chart, downloads or delete button
     assert any("Select rows" in c.value for c in at.caption)
     assert not at.get("plotly_chart") and not downloads(at) and not at.button

@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
+from conftest import REPO, tiny_config
 from lstm_core.__main__ import build_parser, config_from_args
 from lstm_core.config import TrainConfig, preset
 from lstm_core.jobs import request_stop
@@ -203,3 +203,28 @@ def test_the_run_picker_keeps_the_users_choice(saves, mnist):
         at.selectbox(key="train_pick").set_value(choice).run()
         assert at.selectbox(key="train_pick").value == choice
         assert f"**Run `{choice}`**" in " ".join(m.value for m in at.markdown)
+
+
+def widgets_in_order(node):
+    """The widgets under a block, in page order (depth first)."""
+    for child in getattr(node, "children", {}).values():
+        if getattr(child, "label", None):
+            yield child
+        yield from widgets_in_order(child)
+
+
+def test_start_comes_first_in_the_form_and_the_picker_names_no_state(saves, mnist):
+    """The primary action sits above the fifteen widgets of the form, in view without scrolling; the run
+    picker's labels carry no state, which it would keep showing stale while the run moved on."""
+    run = create_run(tiny_config(), saves)                    # queued, as a run waiting for its device is
+    at = page()
+    (left, _) = at.columns[:2]
+    first, *rest = widgets_in_order(left)
+    assert first.label == "Start training" and len(rest) >= 15
+    assert at.selectbox(key="train_pick").value == run.id
+    assert at.selectbox(key="train_pick").options == [f"{run.id} · LSTM 1x48, rows"]
+    assert any("state **queued**" in m.value for m in at.markdown)       # the live view says the state
+    run.write_status(state="running")
+    at.run()
+    assert any("state **running**" in m.value for m in at.markdown)
+    assert at.selectbox(key="train_pick").options == [f"{run.id} · LSTM 1x48, rows"]
