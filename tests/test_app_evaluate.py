@@ -81,7 +81,7 @@ def test_one_run_shows_its_matrix_per_class_metrics_macros_and_mistakes(runs):
     assert len(evaluation["misclassified"]) > 40 and len(gallery.value) == 40
     assert gallery.captions == [f"{m['true']} → {m['pred']} ({m['confidence']:.0%})" for m in top]
     assert all(url.endswith(".png") for url in gallery.value)       # lossless: no JPEG smear on the pixels
-    assert any(c.value.startswith(f"Python ") and f"torch {run.environment()['torch']}" in c.value
+    assert any(c.value.startswith("Python ") and f"torch {run.environment()['torch']}" in c.value
                for c in at.caption)                                         # where it trained
     recorded = [r for r in run.metrics() if r.get("event") == "batch"]
     gradients = figures["eval_gradients"]
