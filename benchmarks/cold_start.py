@@ -5,6 +5,7 @@ Chromium. Written to SAVES/bench/cold-start-<time>.json (SAVES: $LSTM_SAVES or t
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -12,28 +13,33 @@ from pathlib import Path
 from .harness import CHROMIUM, CHROMIUM_ARGS, free_port, start_server
 
 
-def measure(saves: Path) -> dict:
-    """The two figures over the saves root `saves`; without Chromium (or Playwright), the first alone and
-    why the second is missing."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as logs:
+def measure(saves: Path, browser=None) -> dict:
+    """The two figures over the saves root `saves`, the page drawn in `browser` (a Playwright Browser;
+    None: Chromium started here, before the server, so its start-up is not counted). Without Chromium or
+    Playwright, the first figure alone and why the second is missing."""
+    with contextlib.ExitStack() as stack:
+        if browser is None:
+            try:
+                from playwright.sync_api import sync_playwright
+                playwright = stack.enter_context(sync_playwright())
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                stack.callback(browser.close)
+            except Exception as exc:  # noqa: BLE001 - no browser here: the server figure alone
+                browser, why = None, f"{type(exc).__name__}: {exc}"[:200]
+        port = free_port()
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         started = time.perf_counter()
-        server = start_server(saves, port, Path(logs) / "streamlit.log", poll=0.05)
+        server = start_server(saves, port, logs / "streamlit.log", poll=0.05)
+        stack.callback(server.wait, timeout=20)
+        stack.callback(server.terminate)
         out = {"server_ready_s": time.perf_counter() - started}
-        try:
-            from playwright.sync_api import sync_playwright
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-                page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}")
-                page.get_by_role("heading", name="LSTM Studio").wait_for(timeout=120_000)
-                out["first_page_s"] = time.perf_counter() - started
-                browser.close()
-        except Exception as exc:  # noqa: BLE001 - no browser here: report the server figure alone
-            out["first_page_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        finally:
-            server.terminate()
-            server.wait(timeout=20)
+        if browser is None:
+            return {**out, "first_page_error": why}
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}")
+        page.get_by_role("heading", name="LSTM Studio").wait_for(timeout=120_000)
+        out["first_page_s"] = time.perf_counter() - started
+        page.close()
     return out
 
 

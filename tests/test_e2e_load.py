@@ -33,7 +33,7 @@ def test_sessions_drawing_at_once_while_training_all_get_predictions(loaded_app,
     assert report["training"]["state_at_end"] == "running"          # the training went on meanwhile
 
 
-def test_cold_start_times_the_server_and_the_first_page(saves):
-    figures = cold_start.measure(saves)
+def test_cold_start_times_the_server_and_the_first_page(saves, browser):
+    figures = cold_start.measure(saves, browser)
     assert "first_page_error" not in figures, figures["first_page_error"]
     assert 0 < figures["server_ready_s"] < figures["first_page_s"]

@@ -306,7 +306,7 @@ def test_a_tuning_study_outlives_a_killed_server_and_the_next_server_shows_it_fi
     expect_app_navigation(page)
     expect(page.get_by_role("combobox", name="Study")).to_have_value(re.compile(rf"^{STUDY} · "), timeout=60_000)
     expect(page.get_by_text(f"Study {STUDY} · running · 1 worker(s)")).to_be_visible(timeout=60_000)
-    expect(page.locator(".st-key-tune_stop button").first).to_be_visible()
+    expect(page.locator(".st-key-tune_stop button").first).to_be_visible(timeout=60_000)
 
     def shown() -> int | None:
         """Finished trials as the page counts them (complete + pruned), None while it draws."""
