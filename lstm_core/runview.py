@@ -14,7 +14,7 @@ import pandas as pd
 
 from .config import ConfigError
 from .jobs import delete_run
-from .runs import LIVE_STATES, Run, RunError, describe_model, format_seconds, open_run
+from .runs import LIVE_STATES, Run, RunError, describe_model, format_seconds, open_run, run_at
 
 
 def model_label(row: dict) -> str:
@@ -182,3 +182,20 @@ def environment_text(env: dict) -> str:
     parts.append(f"commit {env['git_commit'][:12]}{' (uncommitted changes)' if env['git_commit'].endswith('-dirty') else ''}"
                  if env.get("git_commit") else "no git commit")
     return " · ".join(parts)
+
+
+def gradient_records(path: str | Path) -> list[dict]:
+    """The progress records of the run folder at `path` that carry gradient health; [] for a run without
+    them or a folder that cannot be read."""
+    try:
+        return [r for r in run_at(path).metrics() if r.get("event") == "batch" and "grad_norm" in r]
+    except (RunError, OSError):
+        return []
+
+
+def run_environment(path: str | Path) -> dict:
+    """The environment the run folder at `path` recorded; {} where there is none or it cannot be read."""
+    try:
+        return run_at(path).environment()
+    except (RunError, OSError):
+        return {}

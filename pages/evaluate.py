@@ -2,7 +2,6 @@
 digits it got wrong), and two of them side by side."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +9,8 @@ import streamlit as st
 
 from lstm_core.data import DataUnavailable, load_mnist
 from lstm_core.plots import confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure
-from lstm_core.runs import RunError, list_runs, list_trials, read_json, run_at
-from lstm_core.runview import environment_text, eval_metrics, evaluated_label
+from lstm_core.runs import list_runs, list_trials, read_json
+from lstm_core.runview import environment_text, eval_metrics, evaluated_label, gradient_records, run_environment
 from pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, saved
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
@@ -79,22 +78,12 @@ def one_run(rows: dict[str, dict]) -> None:
     with right:
         st.markdown("**Per-class precision, recall and F1**")
         st.plotly_chart(per_class_figure(result["per_class"]), key="eval_per_class")
-    gradients(rows[run_id]["path"])
-    with contextlib.suppress(RunError, OSError):
-        st.caption(environment_text(run_at(rows[run_id]["path"]).environment()))
-    gallery(result.get("misclassified") or [])
-
-
-def gradients(path: str) -> None:
-    """How the run's gradients behaved while it trained (its progress records), where it recorded them."""
-    try:
-        batches = [r for r in run_at(path).metrics() if r.get("event") == "batch" and "grad_norm" in r]
-    except (RunError, OSError):
-        return
+    batches = gradient_records(rows[run_id]["path"])
     if batches:
-        st.markdown("**Gradient health while training**", help="the gradient norm before clipping, in all and "
-                    "per layer (log scale), and the share of steps that clipping cut")
+        st.markdown("**Gradient health while training**: norms before clipping (log scale), share of steps clipped")
         st.plotly_chart(gradient_figure(batches), key="eval_gradients")
+    st.caption(environment_text(run_environment(rows[run_id]["path"])))
+    gallery(result.get("misclassified") or [])
 
 
 def side_by_side(rows: dict[str, dict]) -> None:

@@ -10,8 +10,7 @@ from pagekit import leave_legacy_navigation, listed_runs
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
 
 # The Home page's table, so a run reads the same on both pages.
-# The columns people compare first (accuracy, model, time), so they show without scrolling sideways; the
-# hyperparameters that describe_model's "Model" does not already say come after.
+# what people compare first (accuracy, model, time), in view without scrolling sideways; then the rest
 COLUMNS = {
     "id": st.column_config.TextColumn("Run", pinned=True),
     "state": st.column_config.TextColumn("State"),

@@ -133,8 +133,7 @@ def train_page() -> None:
         config = config_form(devices)
         if config is not None:
             st.caption(f"{parameter_count(config):,} trainable parameters")
-        with st.expander("Copy as command"):
-            if config is not None:
+            with st.expander("Copy as command"):
                 st.code(train_command(config, st.session_state["preset"]), language="bash")
         if start_slot.button("Start training", type="primary", disabled=config is None, width="stretch"):
             start(config)
@@ -148,8 +147,7 @@ def train_page() -> None:
         if not runs:
             st.info("No runs yet: set the hyperparameters on the left and press **Start training**.")
             return
-        # no state in the label: the picker is drawn once per page run, the state changes in between (the
-        # live view below says it)
+        # no state in the label: the picker is drawn once per page run; the live view below says the state
         labels = {r["id"]: f"{r['id']} · {describe_model(r)}" for r in runs}
         # the picker keeps the user's choice; a run started here (or a vanished choice) moves it
         if st.session_state.get("train_pick") not in labels or st.session_state.pop("train_follow", False):

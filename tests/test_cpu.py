@@ -82,6 +82,7 @@ def test_inference_keeps_no_steps_and_matches_nn_lstm(mode, layers, bidirectiona
     assert ours[0].grad_fn is None
 
 
+@pytest.mark.slow   # compiles two more builds of the kernel (a minute here)
 @pytest.mark.parametrize("isa, march", [("avx2", ["-march=haswell"]), ("plain", [])])
 def test_narrower_vector_builds_match_nn_lstm_too(monkeypatch, isa, march):
     """The gate loops and the batch builder have AVX-512, AVX2 and plain-float versions, chosen when the

@@ -137,3 +137,8 @@ def test_the_environment_in_one_line():
     line = environment_text(gpu)
     assert "CUDA 13.0, cuDNN 91000" in line and "GPU NVIDIA H200 (compute capability 9.0)" in line
     assert line.endswith("no git commit")
+
+
+def test_a_folder_that_cannot_be_read_has_no_gradients_and_no_environment(tmp_path):
+    from lstm_core.runview import gradient_records, run_environment
+    assert gradient_records(tmp_path / "gone") == [] and run_environment(tmp_path / "gone") == {}
