@@ -120,13 +120,19 @@ def amp_summary(capability: tuple[int, int]) -> str:
 
 
 @functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+def cpuinfo() -> str:
+    """/proc/cpuinfo, read once; "" where there is none (macOS, Windows)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    flags = cpuinfo()
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
@@ -169,13 +175,9 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo where there is one), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 

@@ -3,11 +3,14 @@ matrices, per-class metrics, overlays of several runs, the Draw page's reading o
 Optuna plots."""
 from __future__ import annotations
 
+import re
+
 # Plotly uses numpy and pandas only if they are in sys.modules, without importing them: while another
 # thread is importing one (a second session's first page on a fresh server), it finds it half-initialized
 # and a figure fails with "partially initialized module". Imported here, they are whole before any figure.
 import numpy  # noqa: F401
 import pandas  # noqa: F401
+import plotly
 import plotly.graph_objects as go
 from plotly.colors import get_colorscale
 from plotly.subplots import make_subplots
@@ -158,9 +161,17 @@ HEATMAP_MARGIN = {"l": 10, "r": 10, "t": 70, "b": 10}   # room on top for the ti
 MAX_HIDDEN_SHOWN = 64       # hidden units in the activation heatmap (the most varying ones beyond this)
 
 
+# plotly releases `_validate=False` was tested with: from pyproject.toml's floor to below its ceiling
+UNVALIDATED_TESTED = ((5, 20), (8, 0))
+
+
 def skips_validation() -> bool:
-    """Whether this plotly builds a Figure unvalidated when asked to: `_validate=False` is private, and a
-    plotly without it refuses the keyword (TypeError), or may one day take it for a property (ValueError)."""
+    """Whether this plotly builds a Figure unvalidated when asked to: `_validate=False` is private, so only a
+    plotly of the tested releases is asked, and one that refuses the keyword (TypeError), or may one day
+    take it for a property (ValueError), is not used that way."""
+    low, high = UNVALIDATED_TESTED
+    if not low <= tuple(int(p) for p in re.findall(r"\d+", plotly.__version__)[:2]) < high:
+        return False
     try:
         go.Figure({"data": [{"type": "bar", "y": [1]}]}, _validate=False)
     except (TypeError, ValueError):

@@ -121,9 +121,10 @@ class GradientHealth:
                                else torch.zeros((), device=self.device) for p in self.params])
         total = squares.sum().sqrt()
         ok = torch.isfinite(total)
-        self.total_sum += torch.where(ok, total, 0.0)
+        kept = torch.where(ok, total, 0.0)                 # a non-finite step counts only in `finite`
+        self.total_sum += kept
         self.layer_sum += torch.where(ok, (self.members @ squares).sqrt(), 0.0)
-        torch.maximum(self.total_max, torch.where(ok, total, 0.0), out=self.total_max)
+        torch.maximum(self.total_max, kept, out=self.total_max)
         self.finite += ok
         if max_norm:
             self.clipped += total > max_norm
@@ -132,13 +133,14 @@ class GradientHealth:
 
     def record(self, max_norm: float) -> dict:
         """The means since the last record (over steps with finite gradients), then the sums start again."""
-        finite = int(self.finite.item())
-        n = max(finite, 1)
-        layers = (self.layer_sum / n).tolist()
-        out = {"grad_norm": self.total_sum.item() / n if finite else None,
-               "grad_norm_max": self.total_max.item() if finite else None,
-               "layer_grad_norms": dict(zip(self.layers, layers)) if finite else {},
-               "clip_fraction": self.clipped.item() / self.steps if max_norm and self.steps else None,
+        # one copy from the device for all the sums
+        finite, clipped, total_sum, total_max, *layer_sums = torch.cat(
+            [torch.stack([self.finite, self.clipped, self.total_sum, self.total_max]), self.layer_sum]).tolist()
+        finite, n = int(finite), max(int(finite), 1)
+        out = {"grad_norm": total_sum / n if finite else None,
+               "grad_norm_max": total_max if finite else None,
+               "layer_grad_norms": {name: s / n for name, s in zip(self.layers, layer_sums)} if finite else {},
+               "clip_fraction": clipped / self.steps if max_norm and self.steps else None,
                "nonfinite_steps": self.steps - finite}
         self.reset()
         return out

@@ -90,6 +90,12 @@ def test_this_plotly_builds_the_draw_figures_unvalidated():
     assert plots.UNVALIDATED                  # the fast path is the one in use here
 
 
+@pytest.mark.parametrize("version", ["5.19.0", "8.0.0", "9.1"])
+def test_a_plotly_outside_the_tested_releases_is_not_asked(monkeypatch, version):
+    monkeypatch.setattr(plots.plotly, "__version__", version)
+    assert plots.skips_validation() is False
+
+
 @pytest.mark.parametrize("name", DRAW_FIGURES)
 def test_without_the_private_flag_the_same_figure_is_built_validated(name, monkeypatch):
     fast = DRAW_FIGURES[name]().to_dict()
