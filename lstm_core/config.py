@@ -20,6 +20,7 @@ SEQ_MODES = ("rows", "pixels", "permuted")
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULERS = ("none", "plateau", "onecycle", "cosine")
 AMP_MODES = ("off", "auto", "bf16")
+FORGET_INITS = ("auto", "chrono", "one", "torch")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     num_layers: int = 1             # one layer trains far faster than two on a CPU and reaches 99% with onecycle
     dropout: float = 0.1            # between LSTM layers and before the head; light, the model is small
     bidirectional: bool = False     # off: the Draw page can then show the belief forming row by row
+    forget_init: str = "auto"       # gate biases at the start (models.init_gate_biases); torch: PyTorch's own
     # optimisation
     optimizer: str = "adamw"        # decoupled weight decay; robust across learning rates
     lr: float = 5e-3                # peak rate of the onecycle schedule
@@ -125,6 +127,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": OPTIMIZERS,
     "scheduler": SCHEDULERS,
     "amp": AMP_MODES,
+    "forget_init": FORGET_INITS,
 }
 FIELD_TYPES: dict[str, type] = typing.get_type_hints(TrainConfig)
 

@@ -13,17 +13,22 @@ from .config import TrainConfig
 from .devices import CUDNN_LSTM_AUTOCAST_DTYPE, cpu_has_bf16
 
 
-CHRONO_FROM_STEPS = 100     # sequences at least this long get the chrono initialisation
+CHRONO_FROM_STEPS = 100     # under forget_init "auto", sequences at least this long get the chrono initialisation
 
 
-def init_gate_biases(lstm: nn.LSTM, steps: int) -> None:
+def init_gate_biases(lstm: nn.LSTM, steps: int, forget_init: str = "auto") -> None:
     """Forget gates start open, so gradients reach the first steps.
 
-    Short sequences (rows, 28 steps): forget bias 1 (Jozefowicz et al. 2015). Long ones (pixels, 784
-    steps): chrono initialisation (Tallec & Ollivier 2018), forget bias log(U(1, steps - 1)) and input
-    bias its negative, so the units' memory spans range up to the whole sequence. With bias 1, sequential
-    MNIST sits at chance for thousands of updates; chrono gets it learning within the first epoch."""
-    hidden, chrono = lstm.hidden_size, steps >= CHRONO_FROM_STEPS
+    "one": forget bias 1 (Jozefowicz et al. 2015), enough for short sequences (rows, 28 steps). "chrono"
+    (Tallec & Ollivier 2018): forget bias log(U(1, steps - 1)) and input bias its negative, so the units'
+    memory spans range up to the whole sequence; on pixels (784 steps) bias 1 sits at chance for thousands
+    of updates, chrono learns within the first epoch. "auto": chrono from CHRONO_FROM_STEPS steps, else one.
+    "torch": PyTorch's own uniform biases (forget gate half shut), kept so that the vanishing gradients
+    these initialisations prevent can be watched (gradient health, Train page)."""
+    if forget_init == "torch":
+        return
+    hidden = lstm.hidden_size
+    chrono = forget_init == "chrono" or (forget_init == "auto" and steps >= CHRONO_FROM_STEPS)
     with torch.no_grad():
         for name, bias in lstm.named_parameters():                  # gate order: input, forget, cell, output
             if name.startswith("bias_hh"):                          # the ih biases alone set the start
@@ -49,13 +54,13 @@ class LSTMClassifier(nn.Module):
     (forward after step T, backward after step 1)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, dropout: float = 0.0,
-                 bidirectional: bool = False, num_classes: int = 10, steps: int = 28):
+                 bidirectional: bool = False, num_classes: int = 10, steps: int = 28, forget_init: str = "auto"):
         super().__init__()
         self.lstm = nn.LSTM(input_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
-        init_gate_biases(self.lstm, steps)
+        init_gate_biases(self.lstm, steps, forget_init)
 
     def run_lstm(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """self.lstm(x), in fp32 outside autocast where autocast would compute it in a dtype that cannot or
@@ -126,7 +131,7 @@ def build_model(config: TrainConfig) -> nn.Module:
         return CNNClassifier(config.dropout)
     steps, features = config.seq_shape
     return LSTMClassifier(features, config.hidden_size, config.num_layers, config.dropout, config.bidirectional,
-                          steps=steps)
+                          steps=steps, forget_init=config.forget_init)
 
 
 def count_parameters(model: nn.Module) -> int:

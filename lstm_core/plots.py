@@ -12,7 +12,7 @@ import numpy  # noqa: F401
 import pandas  # noqa: F401
 import plotly
 import plotly.graph_objects as go
-from plotly.colors import get_colorscale
+from plotly.colors import get_colorscale, sample_colorscale
 from plotly.subplots import make_subplots
 
 TRAIN, VAL = "#1f77b4", "#ff7f0e"
@@ -86,6 +86,38 @@ def gradient_figure(batches: list[dict], height: int = 260) -> go.Figure:
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(title_text="gradient norm", type="log", secondary_y=False)
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, barmode="overlay",
+                      legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
+def step_gradient_figure(batches: list[dict], sequence_steps: int, lines: int = 6, height: int = 260) -> go.Figure:
+    """The gradient reaching each time step (train.step_gradient_norms) at up to `lines` moments of training,
+    first faint, latest dark, on a log axis: flat lines mean every step is learned from; lines falling by
+    orders of magnitude towards step 1 are vanishing gradients. Steps no gradient reached at all (it
+    underflowed to 0) cannot sit on a log axis: they are left out, and a note says so."""
+    rows = [r for r in batches if r.get("step_grad_norms")]
+    picked = sorted({round(i * (len(rows) - 1) / max(lines - 1, 1)) for i in range(lines)}) if rows else []
+    fig = go.Figure()
+    blues = get_colorscale("Blues")
+    underflow = False
+    for n, i in enumerate(picked):
+        r = rows[i]
+        norms = r["step_grad_norms"]
+        span = sequence_steps / len(norms)
+        x = [(k + 0.5) * span + 0.5 for k in range(len(norms))]
+        underflow |= any(v == 0 for v in norms)
+        shade = 0.35 + 0.65 * n / max(len(picked) - 1, 1)
+        when = (r["epoch"] - 1) + r["batch"] / r["batches"]
+        fig.add_trace(go.Scatter(
+            x=x, y=[v if v else None for v in norms], name=f"epoch {when:.2f}", mode="lines",
+            line={"color": sample_colorscale(blues, shade)[0], "width": 1 + 1.5 * (i == picked[-1])},
+            hovertemplate=f"epoch {when:.2f}<br>step %{{x:.0f}}<br>gradient %{{y:.3g}}<extra></extra>"))
+    if underflow:
+        fig.add_annotation(text="no gradient at all reaches the missing steps (it underflows to 0)", showarrow=False,
+                           xref="paper", yref="paper", x=0, y=1.08, xanchor="left", font={"size": 11, "color": "red"})
+    fig.update_xaxes(title_text="time step (1 = first row or pixel)", range=[0.5, sequence_steps + 0.5])
+    fig.update_yaxes(title_text="gradient reaching the step", type="log")
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       legend={"orientation": "h", "y": -0.3})
     return fig
 

@@ -92,12 +92,25 @@ def plottable(study: optuna.Study) -> Plottable:
         else "Parameter importances need two complete trials whose parameters differ."})
 
 
-def contour_pair(ready: Plottable, current: list[str] | None) -> list[str]:
-    """The contour's axes: the current pick while it names this study's parameters, else two of them,
-    varying ones first."""
+def contour_pair(study: optuna.Study, ready: Plottable, current: list[str] | None) -> list[str]:
+    """The contour's axes: the current pick while it names this study's parameters, else the two most
+    important ones (as the importances plot ranks them), then others that vary, then the rest."""
     if current is not None and set(current) <= set(ready.params):
         return current
-    return (ready.varying + [p for p in ready.params if p not in ready.varying])[:2]
+    ranked = [p for p in most_important(study, ready) if p in ready.varying]
+    order = ranked + [p for p in ready.varying if p not in ranked] + [p for p in ready.params if p not in ready.varying]
+    return order[:2]
+
+
+def most_important(study: optuna.Study, ready: Plottable) -> list[str]:
+    """The study's parameters, most important first, by Optuna's default evaluator: the one its importances
+    plot uses, so the contour opens on the two bars at its top. [] while it cannot rank them yet."""
+    if ready.notes["importances"] is not None:
+        return []
+    try:
+        return list(optuna.importance.get_param_importances(study))
+    except (ValueError, RuntimeError):      # e.g. no parameter common to every complete trial
+        return []
 
 
 def contour_note(ready: Plottable, pair: list[str]) -> str | None:

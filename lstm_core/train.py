@@ -10,6 +10,7 @@ A stop (the `stop` event or callable, or a callback setting state.should_stop) i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -94,13 +95,42 @@ def layer_name(param: str) -> str:
     return param.rpartition(".")[0] or param
 
 
+STEP_POINTS = 28      # points on the time axis of the gradient reaching each step: one per row, or per 28 pixels
+PROBE_SAMPLES = 64    # validation images the gradient over time is measured on, the same ones every time
+
+
+def step_gradient_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        points: int = STEP_POINTS) -> list[float | None]:
+    """How much of the loss's gradient reaches each time step of the input x (B, T, F): the root mean square
+    over the batch of |dL/dx_t|, averaged over `points` equal spans of the sequence, first step first (None
+    where non-finite). This is what vanishing gradients are: an LSTM whose early steps get orders of
+    magnitude less than its last cannot learn from them. Measured in fp32 with the model in eval mode (no
+    dropout, so no random numbers drawn: a resumed run stays identical); the weights' gradients are untouched."""
+    was_training = model.training
+    model.eval()
+    x = x.detach().float().requires_grad_()
+    # cuDNN's LSTM has no backward in eval mode; torch's own LSTM on the GPU has, for these few samples
+    off = torch.backends.cudnn.flags(enabled=False) if x.device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.enable_grad(), off:
+            (grad,) = torch.autograd.grad(F.cross_entropy(model(x).float(), y), x)
+    finally:
+        model.train(was_training)
+    per_step = grad.square().sum(2).mean(0)                                    # (T,)
+    spans = torch.stack([span.mean() for span in per_step.tensor_split(points)]).sqrt()
+    return [v if math.isfinite(v) else None for v in spans.tolist()]
+
+
 class GradientHealth:
     """The gradients' norm before clipping, in all and per layer, and how often clipping fired: the signal
-    that shows an LSTM's gradients vanishing (per-layer norms falling towards 0) or exploding (norms
-    jumping, clipping firing on most steps, non-finite steps). Summed on the device between progress
-    records, so a step never waits for the device; record() reads and resets the sums."""
+    that shows an LSTM's gradients exploding (norms jumping, clipping firing on most steps, non-finite
+    steps). Summed on the device between progress records, so a step never waits for the device;
+    record() reads and resets the sums. Given a `probe` batch (an LSTM's), each record also has the
+    gradient reaching each time step (step_gradient_norms), where vanishing gradients show."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device,
+                 probe: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.model, self.probe = model, probe
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         names = [layer_name(name) for name, _ in named]
@@ -142,6 +172,8 @@ class GradientHealth:
                "layer_grad_norms": {name: s / n for name, s in zip(self.layers, layer_sums)} if finite else {},
                "clip_fraction": clipped / self.steps if max_norm and self.steps else None,
                "nonfinite_steps": self.steps - finite}
+        if self.probe is not None:
+            out["step_grad_norms"] = step_gradient_norms(self.model, *self.probe)
         self.reset()
         return out
 
@@ -252,8 +284,17 @@ def prepare(config: TrainConfig, data: MNIST | None = None,
                      History(config, str(device)), steps_per_epoch, n_train,
                      generator=torch.Generator().manual_seed(config.seed), amp=policy,
                      scaler=torch.amp.GradScaler(device.type, enabled=policy.grad_scaler),
-                     gradients=GradientHealth(model, device))
+                     gradients=GradientHealth(model, device, gradient_probe(config, splits)))
     return state, splits
+
+
+def gradient_probe(config: TrainConfig, splits: Splits) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first validation images as an LSTM reads them, for the gradient over time; None for a CNN,
+    which has no time steps."""
+    if config.arch != "lstm":
+        return None
+    idx = torch.arange(min(PROBE_SAMPLES, len(splits.val_y)), device=splits.val_y.device)
+    return batch_input(splits.val_x, idx, config), splits.val_y[idx]
 
 
 def train_epoch(state: FitState, splits: Splits, emit: Callable, stop: Any) -> dict | None:

@@ -30,7 +30,7 @@ UI_RANGE = {"hidden_size": (1, 1024), "batch_size": (1, 1024), "epochs": (1, 200
             "num_threads": (0, os.cpu_count() or 1)}
 STEPS = {"dropout": 0.01, "momentum": 0.001, "grad_clip": 0.1, "aug_rotate": 0.5, "aug_translate": 0.01,
          "aug_scale": 0.01, "aug_shear": 0.5}
-LABELS = {"lr": "learning rate", "seq_mode": "sequence mode", "amp": "mixed precision (amp)",
+LABELS = {"lr": "learning rate", "seq_mode": "sequence mode", "forget_init": "forget gate initialisation", "amp": "mixed precision (amp)",
           "limit_train": "limit training samples (0 = all)", "val_size": "validation samples",
           "num_threads": "CPU threads (0 = all cores)", "log_every": "progress every N batches"}
 HELP = {"seq_mode": "rows: 28 steps of 28 pixels; pixels: 784 steps of 1 pixel (sequential MNIST); "
@@ -39,7 +39,10 @@ HELP = {"seq_mode": "rows: 28 steps of 28 pixels; pixels: 784 steps of 1 pixel (
         "amp": "auto: each GPU's fast precision (the Home page lists it: fp16 with loss scaling for LSTMs from "
                "Volta on, bf16 for the CNN from Ampere on), fp32 on a CPU; bf16: bf16 autocast (GPUs from Ampere "
                "on; cuDNN's LSTM then stays in fp32)",
-        "grad_clip": "maximum gradient norm (0 = off)"}
+        "grad_clip": "maximum gradient norm (0 = off)",
+        "forget_init": "the LSTM's gate biases at the start. one: forget bias 1; chrono: memory spans up to the "
+                       "whole sequence; auto: chrono for pixels, one for rows; torch: PyTorch's own, forget gates "
+                       "half shut (on pixels, watch the gradient reaching the first steps vanish)"}
 # number inputs rather than sliders: a log-scale value, or a wide range where a slider could not aim
 NUMBER_STEPS = {"lr": 1e-4, "weight_decay": 1e-5, "seed": 1, "val_size": 500, "limit_train": 500}
 

@@ -23,23 +23,40 @@ from typing import Any, Callable
 
 import optuna
 
-from .config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mapping
+from .config import CHOICES, FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mapping
 from .jobs import StopRequest, device_lock, training_devices
 from .recorder import RunRecorder
 from .runs import create_run, held_lock, safe_name, saves_root, study_dir
 from .train import Callback, fit
 
-# The space the popular MNIST-LSTM Optuna scripts search, plus AdamW, RMSprop and bidirectional.
-DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    "optimizer": {"type": "categorical", "choices": ["adam", "sgd", "adamw", "rmsprop"]},
-    "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
-    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+# Every TrainConfig field a study can search, with the range the Tuning page first offers for it. Left out:
+# what fixes the comparison itself (epochs, the data sizes, seed) or only where and how a run computes (device,
+# threads, logging), and arch: a CNN ignores the LSTM's fields, so a search over both would mix two spaces.
+SEARCH_RANGES: dict[str, dict[str, Any]] = {
+    "seq_mode": {"type": "categorical", "choices": ["rows", "pixels"]},
     "hidden_size": {"type": "int", "low": 32, "high": 128},
     "num_layers": {"type": "int", "low": 1, "high": 3},
     "dropout": {"type": "float", "low": 0.1, "high": 0.5},
-    "batch_size": {"type": "int", "low": 64, "high": 256, "step": 64},
     "bidirectional": {"type": "categorical", "choices": [False, True]},
+    "forget_init": {"type": "categorical", "choices": list(CHOICES["forget_init"])},
+    "optimizer": {"type": "categorical", "choices": ["adam", "sgd", "adamw", "rmsprop"]},
+    "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    "momentum": {"type": "float", "low": 0.5, "high": 0.99},
+    "scheduler": {"type": "categorical", "choices": list(CHOICES["scheduler"])},
+    "batch_size": {"type": "int", "low": 64, "high": 256, "step": 64},
+    "patience": {"type": "int", "low": 1, "high": 10},
+    "grad_clip": {"type": "float", "low": 0.5, "high": 5.0},
+    "aug_rotate": {"type": "float", "low": 0.0, "high": 15.0},
+    "aug_translate": {"type": "float", "low": 0.0, "high": 0.15},
+    "aug_scale": {"type": "float", "low": 0.0, "high": 0.15},
+    "aug_shear": {"type": "float", "low": 0.0, "high": 10.0},
+    "amp": {"type": "categorical", "choices": ["off", "auto"]},    # bf16 only where the device has it
 }
+# What a study searches unless told otherwise: the space of the popular MNIST-LSTM Optuna scripts, plus
+# AdamW, RMSprop and bidirectional.
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {name: SEARCH_RANGES[name] for name in (
+    "optimizer", "lr", "weight_decay", "hidden_size", "num_layers", "dropout", "batch_size", "bidirectional")}
 SAMPLERS = ("tpe", "random", "cmaes", "gp")
 PRUNERS = ("median", "hyperband", "none")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)

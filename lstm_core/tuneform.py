@@ -16,8 +16,8 @@ from .__main__ import flag
 from .config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, preset
 from .jobs import launch_study, study_running
 from .runs import RunError, atomic_write_json, check_saves, safe_name, study_dir
-from .trainform import LABELS, FieldInput
-from .tune import DEFAULT_SPACE, PRUNERS, SAMPLERS, check_space, check_writable
+from .trainform import LABELS, STEPS, UI_RANGE, FieldInput
+from .tune import PRUNERS, SAMPLERS, SEARCH_RANGES, check_space, check_writable
 
 # The form's first values, under the names of the `tune` command's flags.
 LAUNCH = {"trials": 20, "timeout": 0, "workers": 1, "sampler": "tpe", "pruner": "median", "preset": "default",
@@ -43,8 +43,8 @@ LAUNCH_INPUTS = {
         "min_value": 0, "max_value": 60000, "step": 1000}),
     "val_size": FieldInput("number_input", LABELS["val_size"], {"min_value": 1, "max_value": 30000, "step": 500}),
 }
-# Slider extents of the searched ranges: wider than the default space, narrower than what a config
-# accepts (BOUNDS), so that a slider can still aim. Fields not listed fall back to BOUNDS.
+# Slider extents of the searched ranges: wider than the first ranges, narrower than what a config accepts
+# (BOUNDS), so that a slider can still aim. Fields not listed take the Train page's slider's, else BOUNDS.
 SPACE_LIMITS = {"lr": (1e-6, 1.0), "weight_decay": (1e-8, 1e-1), "hidden_size": (8, 512), "num_layers": (1, 4),
                 "dropout": (0.0, 0.8), "batch_size": (64, 1024)}
 FLOAT_STEP = 0.05
@@ -52,13 +52,13 @@ SPACE_FILE = "space.json"     # in the study's folder: the search space its `tun
 
 
 def first_pick(name: str):
-    """A searched parameter's range before anyone moves it: the default space's, as its widget holds it."""
-    spec = DEFAULT_SPACE[name]
+    """A searched parameter's range before anyone moves it (tune.SEARCH_RANGES), as its widget holds it."""
+    spec = SEARCH_RANGES[name]
     return list(spec["choices"]) if spec["type"] == "categorical" else (spec["low"], spec["high"])
 
 
 def log_scaled(name: str) -> bool:
-    spec = DEFAULT_SPACE[name]
+    spec = SEARCH_RANGES[name]
     return spec["type"] == "float" and bool(spec.get("log"))
 
 
@@ -72,11 +72,11 @@ def log_grid(low: float, high: float) -> list[float]:
 def range_input(name: str, remembered) -> FieldInput:
     """The widget that picks the searched range of `name` ("pills", "select_slider" or "slider"; labelled
     with the name). `remembered`: its last pick, which a log range's grid always offers."""
-    spec = DEFAULT_SPACE[name]
+    spec = SEARCH_RANGES[name]
     if spec["type"] == "categorical":
         options = list(CHOICES.get(name) or ([False, True] if FIELD_TYPES[name] is bool else spec["choices"]))
         return FieldInput("pills", name, {"options": options, "selection_mode": "multi", "format_func": str})
-    low, high = SPACE_LIMITS.get(name, BOUNDS[name])
+    low, high = SPACE_LIMITS.get(name) or UI_RANGE.get(name) or BOUNDS[name]
     if log_scaled(name):
         # a range select_slider learns that it is a range from its `value` only, not from Session State
         return FieldInput("select_slider", name, {"options": sorted({*log_grid(low, high), *remembered}),
@@ -84,12 +84,13 @@ def range_input(name: str, remembered) -> FieldInput:
     if spec["type"] == "int":
         return FieldInput("slider", name, {"min_value": int(low), "max_value": int(high),
                                            "step": int(spec.get("step", 1))})
-    return FieldInput("slider", name, {"min_value": float(low), "max_value": float(high), "step": FLOAT_STEP})
+    return FieldInput("slider", name, {"min_value": float(low), "max_value": float(high),
+                                       "step": STEPS.get(name, FLOAT_STEP)})
 
 
 def picked_range(name: str, picked) -> dict:
     """What range_input's widget returned, as a range of the search-space format (lstm_core.tune)."""
-    spec = DEFAULT_SPACE[name]
+    spec = SEARCH_RANGES[name]
     if spec["type"] == "categorical":
         return {"type": "categorical", "choices": picked}
     if log_scaled(name):

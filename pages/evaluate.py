@@ -8,9 +8,11 @@ import numpy as np
 import streamlit as st
 
 from lstm_core.data import DataUnavailable, load_mnist
-from lstm_core.plots import confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure
+from lstm_core.plots import (confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure,
+                             step_gradient_figure)
 from lstm_core.runs import list_runs, list_trials, read_json
-from lstm_core.runview import environment_text, eval_metrics, evaluated_label, gradient_records, run_environment
+from lstm_core.runview import (environment_text, eval_metrics, evaluated_label, gradient_records, run_environment,
+                               sequence_steps)
 from pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, saved
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
@@ -80,8 +82,12 @@ def one_run(rows: dict[str, dict]) -> None:
         st.plotly_chart(per_class_figure(result["per_class"]), key="eval_per_class")
     batches = gradient_records(rows[run_id]["path"])
     if batches:
-        st.markdown("**Gradient health while training**: norms before clipping (log scale), share of steps clipped")
-        st.plotly_chart(gradient_figure(batches), key="eval_gradients")
+        st.markdown("**Gradient health while training**: norms before clipping (log scale), share of steps "
+                    "clipped; and how much gradient reaches each time step (vanishing gradients fall towards step 1)")
+        norms, steps = st.columns(2, gap="medium")
+        norms.plotly_chart(gradient_figure(batches), key="eval_gradients")
+        if any(b.get("step_grad_norms") for b in batches):
+            steps.plotly_chart(step_gradient_figure(batches, sequence_steps(rows[run_id]["path"])), key="eval_steps")
     st.caption(environment_text(run_environment(rows[run_id]["path"])))
     gallery(result.get("misclassified") or [])
 

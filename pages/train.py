@@ -13,7 +13,7 @@ import streamlit as st
 from lstm_core.config import PRESETS, ConfigError, TrainConfig, preset
 from lstm_core.devices import available_devices
 from lstm_core.jobs import launch_resume, request_stop
-from lstm_core.plots import curves_figure, gradient_figure, running_loss_figure
+from lstm_core.plots import curves_figure, gradient_figure, running_loss_figure, step_gradient_figure
 from lstm_core.runs import LIVE_STATES, RunError, describe_model, list_runs, open_run
 from lstm_core.runview import batch_progress, default_run, ended_note, epoch_metrics, eval_metrics
 from lstm_core.trainform import (ADVANCED, COMMON, field_input, form_config, parameter_count, start_training,
@@ -89,10 +89,12 @@ def show_run(run_id: str) -> None:
         metric_row(epoch_metrics(epochs, config.epochs))
         st.plotly_chart(curves_figure(epochs), key=f"curves_{run.id}")
     if batches:
-        loss_col, grad_col = st.columns(2)
+        loss_col, grad_col, steps_col = st.columns(3)
         loss_col.plotly_chart(running_loss_figure(batches), key=f"running_{run.id}")
         if any("grad_norm" in b for b in batches):
             grad_col.plotly_chart(gradient_figure(batches), key=f"gradients_{run.id}")
+        if any(b.get("step_grad_norms") for b in batches):
+            steps_col.plotly_chart(step_gradient_figure(batches, config.seq_shape[0]), key=f"steps_{run.id}")
     if not live:
         show_results(run)
 

@@ -21,7 +21,7 @@ from lstm_core.runview import eval_metrics
 from lstm_core.studyview import (TARGET, Plottable, absent_study, contour_note, contour_pair, draw_id,
                                  evaluated_trials, first_trial, load_study, plottable, storage_studies,
                                  study_labels, study_metrics, trial_label)
-from lstm_core.tune import DEFAULT_SPACE, default_storage, make_storage, trial_rows, trials_csv
+from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, default_storage, make_storage, trial_rows, trials_csv
 from lstm_core.tuneform import (LAUNCH, LAUNCH_INPUTS, STUDY_KEYS, first_pick, launch, log_scaled, picked_range,
                                 plan_study, range_input)
 from pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, remember,
@@ -32,9 +32,9 @@ leave_legacy_navigation()     # a fresh server's first request named this page: 
 REFRESH_SECONDS = 2.0
 # The launch form's widgets and their first values, kept in `tune_values` (pagekit.restore).
 FORM = {**{f"tune_{key}": value for key, value in LAUNCH.items()}, "tune_params": list(DEFAULT_SPACE),
-        **{f"tune_space_{name}": first_pick(name) for name in DEFAULT_SPACE}}
+        **{f"tune_space_{name}": first_pick(name) for name in SEARCH_RANGES}}
 # these get their remembered value from their widget's `value` (tuneform.range_input), not Session State
-LOG_RANGES = {f"tune_space_{name}" for name in DEFAULT_SPACE if log_scaled(name)}
+LOG_RANGES = {f"tune_space_{name}" for name in SEARCH_RANGES if log_scaled(name)}
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
@@ -46,8 +46,8 @@ def storage_at(url: str) -> optuna.storages.BaseStorage:
 # -- launch --------------------------------------------------------------------------------------
 def launch_form_widgets() -> tuple[str, dict]:
     """The launch form: the study name and its search space (the other values are under FORM's keys)."""
-    searched = st.pills("Searched parameters", list(DEFAULT_SPACE), selection_mode="multi", key="tune_params",
-                        help="the others keep the preset's value")
+    searched = st.pills("Searched parameters", list(SEARCH_RANGES), selection_mode="multi", key="tune_params",
+                        help="every hyperparameter a study can search; the others keep the preset's value")
     left, middle, right = st.columns([1, 1, 2], gap="large")
     with left:
         name = st.text_input("Study name", key="tune_name", help="an existing name resumes that study")
@@ -55,7 +55,7 @@ def launch_form_widgets() -> tuple[str, dict]:
         with left if key in STUDY_KEYS else middle:
             ask(f"tune_{key}", field)
     with right:     # numeric ranges in two columns; choices below them, where their pills have room
-        numeric = [p for p in searched if DEFAULT_SPACE[p]["type"] != "categorical"]
+        numeric = [p for p in searched if SEARCH_RANGES[p]["type"] != "categorical"]
         ranges = st.columns(2, gap="medium")
         space = {}
         for i, param in enumerate(numeric):
@@ -110,7 +110,7 @@ def contour(study: optuna.Study, ready: Plottable) -> None:
     """The contour plot, under the picker of its two parameters once there are two to pick."""
     pair: list[str] = []
     if ready.contour:
-        pair = contour_pair(ready, st.session_state.get("tune_contour"))
+        pair = contour_pair(study, ready, st.session_state.get("tune_contour"))
         if pair != st.session_state.get("tune_contour"):    # none yet, or another study's
             st.session_state.tune_contour = pair
         pair = st.multiselect("Contour parameters", ready.params, key="tune_contour", max_selections=2,

@@ -87,6 +87,8 @@ def test_one_run_shows_its_matrix_per_class_metrics_macros_and_mistakes(runs):
     gradients = figures["eval_gradients"]
     assert gradients["layout"]["yaxis"]["type"] == "log"
     assert gradients["data"][0]["y"] == [r["grad_norm"] for r in recorded]      # the run's own progress records
+    steps = figures["eval_steps"]                       # beside them, the gradient reaching each of the 28 rows
+    assert steps["data"][-1]["y"] == recorded[-1]["step_grad_norms"] and steps["layout"]["xaxis"]["range"] == [0.5, 28.5]
 
     at.toggle(key="eval_normalize").set_value(True).run()
     rows = charts(check(at))["eval_cm"]["data"][0]["z"]
@@ -127,4 +129,4 @@ def test_side_by_side_needs_two_runs(tmp_path, monkeypatch, mnist):
     monkeypatch.setenv("LSTM_SAVES", str(root))
     at = page()
     assert any("Side by side needs two evaluated runs" in i.value for i in at.info)
-    assert set(charts(at)) == {"eval_cm", "eval_per_class", "eval_gradients"}   # the one run's, no pair
+    assert set(charts(at)) == {"eval_cm", "eval_per_class", "eval_gradients", "eval_steps"}   # the one run's, no pair

@@ -117,6 +117,8 @@ def test_start_launches_a_background_run_that_completes_and_shows_its_results(sa
     (gradients,) = [f for f in figures if f["data"][0].get("name") == "total (mean)"]
     batches = [r for r in open_run(run_id).metrics() if r["event"] == "batch"]
     assert gradients["data"][0]["y"] == [r["grad_norm"] for r in batches] and gradients["layout"]["yaxis"]["type"] == "log"
+    (steps,) = [f for f in figures if f["layout"].get("xaxis", {}).get("range") == [0.5, 28.5]]
+    assert steps["data"][-1]["y"] == batches[-1]["step_grad_norms"]       # the gradient reaching each row, latest
     heatmap = figures[-1]["data"][0]
     assert heatmap["type"] == "heatmap" and sum(map(sum, heatmap["z"])) == 10000
     test_accuracy = open_run(run_id).eval()["test_accuracy"]

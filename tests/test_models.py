@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -73,6 +75,24 @@ def test_forget_gates_start_open_and_long_sequences_get_the_chrono_initialisatio
     # log(U(1, 783)): memory spans from one step to the whole image, most of them long
     assert 0 <= forget.min() < 1.5 and 6 < forget.max() <= torch.log(torch.tensor(783.0))
     assert 4 < forget.median() < 7
+
+
+@pytest.mark.parametrize("mode", ["rows", "pixels"])
+def test_forget_init_picks_the_gate_biases_whatever_the_sequence(mode):
+    """chrono and one on any sequence; torch leaves PyTorch's own biases (to watch gradients vanish)."""
+    torch.manual_seed(0)
+    chrono = build_model(TrainConfig(seq_mode=mode, forget_init="chrono")).lstm
+    hidden, steps = chrono.hidden_size, 28 if mode == "rows" else 784
+    forget = chrono.bias_ih_l0[hidden:2 * hidden]
+    assert torch.equal(chrono.bias_ih_l0[:hidden], -forget) and forget.max() <= math.log(steps - 1)
+    one = build_model(TrainConfig(seq_mode=mode, forget_init="one")).lstm
+    assert torch.equal(one.bias_ih_l0[hidden:2 * hidden] + one.bias_hh_l0[hidden:2 * hidden], torch.ones(hidden))
+    torch.manual_seed(0)
+    plain = build_model(TrainConfig(seq_mode=mode, forget_init="torch")).lstm
+    torch.manual_seed(0)
+    reference = nn.LSTM(*((28, 128) if mode == "rows" else (1, 128)), batch_first=True)
+    assert torch.equal(plain.bias_ih_l0, reference.bias_ih_l0) and torch.equal(plain.bias_hh_l0, reference.bias_hh_l0)
+    assert (plain.bias_ih_l0 + plain.bias_hh_l0)[hidden:2 * hidden].abs().max() < 0.2     # forget gates half shut
 
 
 def test_models_are_plain_torch():

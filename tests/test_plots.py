@@ -42,6 +42,21 @@ def test_gradient_figure_plots_norms_on_a_log_axis_and_the_clipped_share():
     assert "clipped steps" not in [t.name for t in unclipped.data] and not unclipped.layout.shapes
 
 
+def test_step_gradient_figure_draws_the_first_and_latest_moments_on_the_sequence_axis():
+    batches = [{"epoch": 1, "batch": b, "batches": 10, "step_grad_norms": [10.0 ** (k - 28 + b) for k in range(28)]}
+               for b in range(1, 11)] + [{"epoch": 1, "batch": 10, "batches": 10, "loss": 0.3}]  # one from before
+    fig = plots.step_gradient_figure(batches, sequence_steps=28, lines=3)
+    assert [t.name for t in fig.data] == ["epoch 0.10", "epoch 0.50", "epoch 1.00"]       # first, middle, latest
+    assert list(fig.data[0].x) == list(range(1, 29)) and fig.data[-1].y[-1] == 1e9
+    assert fig.layout.yaxis.type == "log" and not fig.layout.annotations
+    assert fig.data[-1].line.width > fig.data[0].line.width                           # the latest stands out
+    # 784 pixels in 28 spans: each point sits in the middle of its 28 pixels; an underflowed 0 is left out, noted
+    pixels = plots.step_gradient_figure([{**batches[0], "step_grad_norms": [0.0] * 20 + [1e-3] * 8}], 784)
+    assert pixels.data[0].x[0] == 14.5 and pixels.data[0].x[-1] == 770.5
+    assert pixels.data[0].y[:20] == (None,) * 20 and "underflow" in pixels.layout.annotations[0].text
+    assert not plots.step_gradient_figure(batches[-1:], 28).data                      # nothing recorded: empty
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_confusion_figure_counts_or_row_fractions(normalize):
     z = plots.confusion_figure(CM, normalize=normalize).data[0].z

@@ -1,11 +1,12 @@
 """What the Tuning page shows of a study, as data: labels, what each plot still needs, the contour's axes,
 the trials that can be inspected, and a study the storage does not hold."""
 import json
+import random
 
 import optuna
 import pytest
 
-from lstm_core import studyview
+from lstm_core import plots, studyview
 from lstm_core.studyview import (absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
                                  first_trial, load_study, plottable, storage_studies, study_labels, study_metrics,
                                  trial_label)
@@ -13,7 +14,9 @@ from lstm_core.tune import make_storage
 
 DISTRIBUTIONS = {"dropout": optuna.distributions.FloatDistribution(0.1, 0.5),
                  "hidden_size": optuna.distributions.IntDistribution(32, 128),
-                 "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+                 "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+                 "batch_size": optuna.distributions.IntDistribution(64, 256, step=64),
+                 "weight_decay": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True)}
 
 
 def study_of(*trials: dict, storage=None, name: str | None = None) -> optuna.Study:
@@ -58,16 +61,35 @@ def test_one_complete_trial_plots_all_but_the_contour_and_importances():
 
 
 def test_the_contour_starts_on_parameters_that_vary_and_says_what_a_pick_lacks():
-    ready = plottable(study_of(complete(0.5, dropout=0.1, hidden_size=64, lr=0.01),
-                               complete(0.6, dropout=0.3, hidden_size=64, lr=0.02)))
+    study = study_of(complete(0.5, dropout=0.1, hidden_size=64, lr=0.01),
+                     complete(0.6, dropout=0.3, hidden_size=64, lr=0.02))
+    ready = plottable(study)
     assert ready.contour and ready.varying == ["dropout", "lr"] and ready.notes["importances"] is None
-    assert contour_pair(ready, None) == ["dropout", "lr"]
-    assert contour_pair(ready, ["hidden_size"]) == ["hidden_size"]              # a pick of this study stays
-    assert contour_pair(ready, ["optimizer", "lr"]) == ["dropout", "lr"]        # another study's does not
+    assert sorted(contour_pair(study, ready, None)) == ["dropout", "lr"]
+    assert contour_pair(study, ready, ["hidden_size"]) == ["hidden_size"]       # a pick of this study stays
+    assert sorted(contour_pair(study, ready, ["optimizer", "lr"])) == ["dropout", "lr"]   # another study's does not
     assert contour_note(ready, ["dropout", "lr"]) is None
     assert contour_note(ready, ["lr"]) == "Pick two parameters for the contour plot."
     assert contour_note(ready, ["hidden_size", "lr"]) == ("hidden_size has the same value in every complete trial: "
                                                           "pick one that varies.")
+
+
+def test_the_contour_opens_on_the_two_most_important_parameters():
+    """The value follows lr and batch_size; dropout and weight_decay vary as much but change nothing."""
+    rng = random.Random(0)
+    trials = []
+    for _ in range(24):
+        lr, batch, dropout, decay = (rng.uniform(1e-4, 1e-1), rng.choice([64, 128, 192, 256]), rng.uniform(0.1, 0.5),
+                                     rng.uniform(1e-6, 1e-2))
+        trials.append(complete(0.5 + 3 * lr + batch / 1000, lr=lr, batch_size=batch, dropout=dropout,
+                               weight_decay=decay))
+    study = study_of(*trials)
+    ready = plottable(study)
+    assert studyview.most_important(study, ready)[:2] in (["lr", "batch_size"], ["batch_size", "lr"])
+    assert sorted(contour_pair(study, ready, None)) == ["batch_size", "lr"]
+    # what the importances plot beside it ranks first, too
+    bars = plots.study_figure(study, "importances", "val accuracy").data[0]
+    assert set(bars.y[-2:]) == {"lr", "batch_size"}                       # plotly draws the first at the top
 
 
 def test_the_study_metrics_count_trials_by_state_and_name_the_best():

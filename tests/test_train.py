@@ -215,6 +215,7 @@ def test_every_progress_record_carries_the_gradient_norms_per_layer(mnist):
         assert list(r["layer_grad_norms"]) == ["lstm 1", "lstm 1 backward", "lstm 2", "lstm 2 backward", "head"]
         assert all(v > 0 for v in r["layer_grad_norms"].values())
         assert 0 <= r["clip_fraction"] <= 1
+        assert len(r["step_grad_norms"]) == 28 and all(v > 0 for v in r["step_grad_norms"])
     assert json.loads(json.dumps(records)) == records                  # metrics.jsonl takes them as they are
 
 
@@ -228,6 +229,25 @@ def test_layer_names_follow_the_parameters():
 def test_the_clipped_share_counts_the_steps_clipping_cut(mnist, clip, fraction):
     records = progress(mnist, grad_clip=clip, limit_train=500)
     assert [r["clip_fraction"] for r in records] == [fraction] * len(records)
+
+
+@pytest.mark.slow
+def test_pixels_without_an_open_forget_gate_show_vanishing_gradients(mnist):
+    """Sequential MNIST from PyTorch's own gate biases: the gradient reaching the first pixels is many orders of
+    magnitude below the last one's (or underflows to 0); from the chrono initialisation it stays within a
+    few. The same records the Train and Evaluate pages plot."""
+    def first_to_last(forget_init):
+        records = progress(mnist, seq_mode="pixels", hidden_size=32, limit_train=200, forget_init=forget_init,
+                           grad_clip=0.0, log_every=2)
+        assert all(len(r["step_grad_norms"]) == 28 for r in records)
+        return max(r["step_grad_norms"][0] / r["step_grad_norms"][-1] for r in records)
+    assert first_to_last("chrono") > 1e-2
+    assert first_to_last("torch") < 1e-8
+
+
+def test_a_cnn_has_no_time_steps_to_measure(mnist):
+    records = progress(mnist, arch="cnn", limit_train=200)
+    assert records and not any("step_grad_norms" in r for r in records) and all(r["grad_norm"] for r in records)
 
 
 def test_a_learning_rate_far_too_high_shows_as_exploding_gradients(mnist):

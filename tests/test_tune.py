@@ -10,9 +10,9 @@ import optuna
 import pytest
 import torch
 
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, REPO, tiny_config
 from lstm_core.jobs import STOP_FILE
-from lstm_core.tune import MAX_FAILURES_IN_A_ROW, FailureStreak
+from lstm_core.tune import MAX_FAILURES_IN_A_ROW, SEARCH_RANGES, FailureStreak, run_worker
 
 SMALL = ["--limit-train", "1000", "--val-size", "500", "--epochs", "2", "--batch-size", "100",
          "--aug-rotate", "0", "--aug-translate", "0", "--aug-scale", "0"]
@@ -225,3 +225,18 @@ def test_a_journal_in_a_missing_folder_is_one_line(saves, space, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     [line] = out.stderr.strip().splitlines()
     assert "does not exist" in line and "nowhere" in line
+
+
+@pytest.mark.slow
+def test_a_study_can_search_every_field_the_tuning_page_offers(saves):
+    """Scheduler, clipping, sequence mode, forget gates, augmentation, amp...: each trial trains what it was
+    suggested (its config.json), whatever the field."""
+    space = {**SEARCH_RANGES, "hidden_size": {"type": "int", "low": 8, "high": 16},
+             "num_layers": {"type": "int", "low": 1, "high": 2}}
+    base = tiny_config(epochs=1, limit_train=300, val_size=200, batch_size=50)
+    study = run_worker("everything", 3, base, space=space, sampler="random", pruner="none", seed=3, root=saves)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 3 and all(set(t.params) == set(SEARCH_RANGES) for t in trials)
+    for trial in trials:
+        config = json.loads((saves / "studies" / "everything" / f"trial_{trial.number}" / "config.json").read_text())
+        assert {k: config[k] for k in trial.params} == trial.params

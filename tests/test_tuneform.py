@@ -1,14 +1,15 @@
 """The Tuning page's launch form without Streamlit: the range widgets, the search space and `tune` command
 they make (checked up front), and the launch."""
 import json
+from dataclasses import fields
 
 import pytest
 
 from lstm_core import tuneform
 from lstm_core.__main__ import build_parser
-from lstm_core.config import ConfigError
+from lstm_core.config import PRESETS, ConfigError, TrainConfig, preset
 from lstm_core.runs import RunError
-from lstm_core.tune import DEFAULT_SPACE, check_space, make_storage
+from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, check_space, make_storage
 from lstm_core.tuneform import (LAUNCH, LAUNCH_INPUTS, first_pick, log_grid, picked_range, plan_study,
                                 range_input)
 
@@ -22,15 +23,18 @@ def test_log_grid_steps_1_2_5_per_decade():
 
 
 def test_each_searched_parameter_gets_the_widget_of_its_kind():
-    kinds = {name: range_input(name, first_pick(name)).kind for name in DEFAULT_SPACE}
-    assert kinds == {"optimizer": "pills", "lr": "select_slider", "weight_decay": "select_slider",
-                     "hidden_size": "slider", "num_layers": "slider", "dropout": "slider", "batch_size": "slider",
-                     "bidirectional": "pills"}
+    kinds = {name: range_input(name, first_pick(name)).kind for name in SEARCH_RANGES}
+    choices = {"seq_mode", "bidirectional", "forget_init", "optimizer", "scheduler", "amp"}
+    assert kinds == {**{name: "slider" for name in SEARCH_RANGES}, **dict.fromkeys(choices, "pills"),
+                     "lr": "select_slider", "weight_decay": "select_slider"}
     assert range_input("bidirectional", [True]).args["options"] == [False, True]
     assert range_input("optimizer", ["adam"]).args["options"] == ["adam", "adamw", "sgd", "rmsprop"]
     batch = range_input("batch_size", (64, 256)).args
     assert (batch["min_value"], batch["max_value"], batch["step"]) == (64, 1024, 64)
-    assert range_input("dropout", (0.1, 0.5)).args == {"min_value": 0.0, "max_value": 0.8, "step": 0.05}
+    assert range_input("dropout", (0.1, 0.5)).args == {"min_value": 0.0, "max_value": 0.8, "step": 0.01}
+    # the others' sliders span the Train page's (narrower than a config accepts) in its steps
+    assert range_input("aug_rotate", (0.0, 15.0)).args == {"min_value": 0.0, "max_value": 45.0, "step": 0.5}
+    assert range_input("amp", ["off"]).args["options"] == ["off", "auto", "bf16"]     # offered, not first picked
 
 
 def test_a_log_range_offers_its_grid_and_its_last_pick():
@@ -40,9 +44,20 @@ def test_a_log_range_offers_its_grid_and_its_last_pick():
     assert ask.args["format_func"](3e-5) == "3e-05"
 
 
-@pytest.mark.parametrize("name", DEFAULT_SPACE)
-def test_the_first_picks_make_the_default_space(name):
-    assert picked_range(name, first_pick(name)) == DEFAULT_SPACE[name]
+@pytest.mark.parametrize("name", SEARCH_RANGES)
+def test_the_first_picks_make_the_first_ranges(name):
+    assert picked_range(name, first_pick(name)) == SEARCH_RANGES[name]
+
+
+def test_every_config_field_that_has_a_range_can_be_searched_from_every_preset():
+    """All but what fixes the comparison (epochs, data sizes, seed), where a run computes, and arch."""
+    fixed = {"arch", "epochs", "seed", "val_size", "limit_train", "device", "num_threads", "log_every"}
+    assert set(SEARCH_RANGES) == {f.name for f in fields(TrainConfig)} - fixed
+    assert list(DEFAULT_SPACE) == ["optimizer", "lr", "weight_decay", "hidden_size", "num_layers", "dropout",
+                                   "batch_size", "bidirectional"]
+    everything = {name: picked_range(name, first_pick(name)) for name in SEARCH_RANGES}
+    for name in PRESETS:
+        assert check_space(everything, preset(name)) == everything
 
 
 def test_picks_in_the_search_space_format():
