@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test test-fast test-floor bench bench-app tensorboard gpu-check load setup setup-test chromium postgres clean
+.PHONY: run test test-fast test-floor bench bench-app tensorboard dashboard gpu-check load setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -47,6 +47,14 @@ bench: $(VENV)/.installed
 # Every run and tuning trial in TensorBoard, with its hyperparameters (HParams tab).
 tensorboard: $(VENV)/.installed
 	$(PY) -m tensorboard.main --logdir saves --host 127.0.0.1 --port 6006
+
+# The studies in optuna-dashboard (installed on first use: the `dashboard` extra). STORAGE: any storage the app
+# writes, a database URL or journal:PATH; unset, the app's own sqlite:///SAVES/optuna.db ($LSTM_SAVES or saves/).
+STORAGE ?=
+DASHBOARD_PORT ?= 8080
+dashboard: $(VENV)/.installed
+	@$(PY) -c 'import optuna_dashboard' 2>/dev/null || $(PIP) install -e '.[dashboard]'
+	$(PY) -m lstm_core.dashboard $(if $(STORAGE),'$(STORAGE)') --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 # The app's cold start: `streamlit run` to a healthy server, and to the first page drawn in Chromium.
 bench-app: $(VENV)/.installed-test chromium
