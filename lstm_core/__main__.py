@@ -1,7 +1,8 @@
-"""The command line: `python -m lstm_core {train,evaluate,runs}`.
+"""The command line: `python -m lstm_core {train,evaluate,export,runs,tune}`.
 
     python -m lstm_core train --preset default --epochs 3 --json
     python -m lstm_core evaluate saves/runs/20261123-153412-a1b2c3
+    python -m lstm_core export 20261123-153412-a1b2c3 --format onnx
     python -m lstm_core runs
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-LSTM_ONLY = ("seq_mode", "hidden_size", "num_layers", "bidirectional")
+LSTM_ONLY = ("seq_mode", "hidden_size", "num_layers", "bidirectional", "forget_init")
 
 
 def build_parser() -> Parser:
@@ -91,6 +92,14 @@ def build_parser() -> Parser:
     evaluate.add_argument("--saves", metavar="DIR")
     evaluate.add_argument("--data-dir", metavar="DIR")
     evaluate.add_argument("--device", default="auto")
+
+    export = sub.add_parser("export", help="a run's model as one ONNX or TorchScript file that takes images")
+    export.add_argument("path", help="a run directory, run id, or checkpoint file (.pt)")
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    export.add_argument("--output", metavar="PATH", help="file or folder to write (default: the run directory, "
+                        "as model.onnx or model.ts.pt)")
+    export.add_argument("--saves", metavar="DIR")
+    export.add_argument("--json", action="store_true", help="one JSON line instead of the path")
 
     tune = sub.add_parser("tune", help="an Optuna study over the hyperparameters (resumes an existing one)")
     tune.add_argument("--study", required=True, help="study name (letters, digits, '.', '_', '-')")
@@ -240,14 +249,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .evaluate import evaluate
     from .checkpoints import load_model
-    from .runs import RunError, check_saves, open_run, run_at
 
-    path = Path(args.path)
-    if not path.is_file():
-        if not path.is_dir() and (path.suffix in (".pt", ".pth") or path.is_absolute()):
-            raise RunError(f"no such file or run directory: {path}")
-        check_saves(args.saves, write=False)
-        path = (run_at(path) if path.is_dir() else open_run(args.path, args.saves)).path
+    path = weights_path(args)
     try:
         device = resolve_device(args.device)
     except RuntimeError as exc:
@@ -262,6 +265,32 @@ def command_evaluate(args: argparse.Namespace) -> int:
                       "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
                       "n": result["n"], "misclassified": len(result["misclassified"]),
                       "seconds": round(time.perf_counter() - started, 3)}))
+    return 0
+
+
+def weights_path(args: argparse.Namespace) -> Path:
+    """The run directory or checkpoint file that `path` (a directory, run id or file) names."""
+    from .runs import RunError, check_saves, open_run, run_at
+
+    path = Path(args.path)
+    if not path.is_file():
+        if not path.is_dir() and (path.suffix in (".pt", ".pth") or path.is_absolute()):
+            raise RunError(f"no such file or run directory: {path}")
+        check_saves(args.saves, write=False)
+        path = (run_at(path) if path.is_dir() else open_run(args.path, args.saves)).path
+    return path
+
+
+def command_export(args: argparse.Namespace) -> int:
+    from .export import MissingDependency, export_run
+
+    try:
+        written = export_run(weights_path(args), args.format, args.output)
+    except MissingDependency as exc:      # the environment lacks a package, not a usage error
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"path": str(written), "format": args.format, "bytes": written.stat().st_size})
+          if args.json else written)
     return 0
 
 
@@ -380,7 +409,8 @@ def available_memory() -> float | None:
     return None
 
 
-COMMANDS = {"train": command_train, "evaluate": command_evaluate, "runs": command_runs, "tune": command_tune}
+COMMANDS = {"train": command_train, "evaluate": command_evaluate, "export": command_export, "runs": command_runs,
+            "tune": command_tune}
 
 
 def main(argv: list[str] | None = None) -> int:
