@@ -76,7 +76,8 @@ def gradient_figure(batches: list[dict], height: int = 260) -> go.Figure:
                              marker={"color": VAL},
                              hovertemplate="epoch %{x:.2f}<br>clipped %{y:.0%} of steps<extra></extra>"),
                       secondary_y=True)
-        fig.update_yaxes(title_text="clipped", tickformat=".0%", range=[0, 1], secondary_y=True, showgrid=False)
+        fig.update_yaxes(title_text="clipped", tickformat=".0%", range=[0, 1], dtick=0.25, secondary_y=True,
+                         showgrid=False)
     bad = [(xi, r["nonfinite_steps"]) for xi, r in zip(x, rows) if r.get("nonfinite_steps")]
     if bad:
         fig.add_trace(go.Scatter(x=[b[0] for b in bad], y=[None] * len(bad), mode="markers", name="non-finite",
@@ -145,7 +146,8 @@ def overlay_figure(runs: dict[str, list[dict]], metric: str = "val_accuracy", he
     for name, epochs in runs.items():
         fig.add_trace(go.Scatter(x=[r["epoch"] for r in epochs], y=[r.get(metric) for r in epochs],
                                  mode="lines+markers", name=name))
-    fig.update_xaxes(title_text="epoch")
+    longest = max((len(epochs) for epochs in runs.values()), default=1)
+    fig.update_xaxes(title_text="epoch", tick0=1, dtick=max(1, longest // 10))     # whole epochs only
     fig.update_yaxes(title_text=metric.replace("_", " "), tickformat=".2%" if "accuracy" in metric or "error" in metric
                      else None)
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, hovermode="x unified")

@@ -30,7 +30,8 @@ UI_RANGE = {"hidden_size": (1, 1024), "batch_size": (1, 1024), "epochs": (1, 200
             "num_threads": (0, os.cpu_count() or 1)}
 STEPS = {"dropout": 0.01, "momentum": 0.001, "grad_clip": 0.1, "aug_rotate": 0.5, "aug_translate": 0.01,
          "aug_scale": 0.01, "aug_shear": 0.5}
-LABELS = {"lr": "learning rate", "seq_mode": "sequence mode", "forget_init": "forget gate initialisation", "amp": "mixed precision (amp)",
+LABELS = {"lr": "learning rate", "seq_mode": "sequence mode", "forget_init": "forget gate initialisation",
+          "amp": "mixed precision (amp)",
           "limit_train": "limit training samples (0 = all)", "val_size": "validation samples",
           "num_threads": "CPU threads (0 = all cores)", "log_every": "progress every N batches"}
 HELP = {"seq_mode": "rows: 28 steps of 28 pixels; pixels: 784 steps of 1 pixel (sequential MNIST); "

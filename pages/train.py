@@ -16,6 +16,7 @@ from lstm_core.jobs import launch_resume, request_stop
 from lstm_core.plots import curves_figure, gradient_figure, running_loss_figure, step_gradient_figure
 from lstm_core.runs import LIVE_STATES, RunError, describe_model, list_runs, open_run
 from lstm_core.runview import batch_progress, default_run, ended_note, epoch_metrics, eval_metrics
+from lstm_core.train import PROBE_SAMPLES
 from lstm_core.trainform import (ADVANCED, COMMON, field_input, form_config, parameter_count, start_training,
                                  train_command)
 from pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, rerun_when_ended, restore,
@@ -54,6 +55,13 @@ def start(config: TrainConfig) -> None:
     st.session_state.update(train_run=run.id, train_follow=True, train_notice=notice)
 
 
+STEPS_NOTE = (f"**The gradient reaching each time step**, measured on the same {PROBE_SAMPLES} validation images "
+              "at every progress record (faint: early in training; dark: now). An LSTM learns from a step only "
+              "as far as the gradient reaches it: flat lines mean every row or pixel counts; lines falling by "
+              "orders of magnitude towards step 1 are vanishing gradients. Try the `pixel` preset with the forget "
+              "gate initialisation `torch` (Advanced), then with `chrono`.")
+
+
 def show_run(run_id: str) -> None:
     """The live view of one run; re-runs itself every second while the run is queued or running."""
     try:
@@ -89,12 +97,14 @@ def show_run(run_id: str) -> None:
         metric_row(epoch_metrics(epochs, config.epochs))
         st.plotly_chart(curves_figure(epochs), key=f"curves_{run.id}")
     if batches:
-        loss_col, grad_col, steps_col = st.columns(3)
+        loss_col, grad_col = st.columns(2)
         loss_col.plotly_chart(running_loss_figure(batches), key=f"running_{run.id}")
         if any("grad_norm" in b for b in batches):
             grad_col.plotly_chart(gradient_figure(batches), key=f"gradients_{run.id}")
         if any(b.get("step_grad_norms") for b in batches):
+            steps_col, about = st.columns(2, vertical_alignment="center")
             steps_col.plotly_chart(step_gradient_figure(batches, config.seq_shape[0]), key=f"steps_{run.id}")
+            about.caption(STEPS_NOTE)
     if not live:
         show_results(run)
 

@@ -88,7 +88,8 @@ def test_one_run_shows_its_matrix_per_class_metrics_macros_and_mistakes(runs):
     assert gradients["layout"]["yaxis"]["type"] == "log"
     assert gradients["data"][0]["y"] == [r["grad_norm"] for r in recorded]      # the run's own progress records
     steps = figures["eval_steps"]                       # beside them, the gradient reaching each of the 28 rows
-    assert steps["data"][-1]["y"] == recorded[-1]["step_grad_norms"] and steps["layout"]["xaxis"]["range"] == [0.5, 28.5]
+    assert steps["data"][-1]["y"] == recorded[-1]["step_grad_norms"]
+    assert steps["layout"]["xaxis"]["range"] == [0.5, 28.5]
 
     at.toggle(key="eval_normalize").set_value(True).run()
     rows = charts(check(at))["eval_cm"]["data"][0]["z"]
