@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test test-fast test-floor bench bench-app tensorboard dashboard gpu-check load setup setup-test chromium postgres clean
+.PHONY: run test test-fast test-floor bench bench-app screenshots tensorboard dashboard gpu-check load setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -66,6 +66,10 @@ bench-app: $(VENV)/.installed-test chromium
 PYTHON_GPU ?= $(shell [ -x $(PY) ] && echo $(PY) || echo $(PYTHON))
 gpu-check:
 	$(PYTHON_GPU) -m lstm_core.gpucheck $(GPUCHECK_ARGS)
+
+# The README's pictures: each page of the real app on fresh real runs and a study, into docs/screenshots/.
+screenshots: $(VENV)/.installed-test chromium
+	$(PY) -m benchmarks.screenshots
 
 # The Draw page under load: 20 sessions drawing while a training run goes on; p50/p95/p99 latency and
 # errors, written to saves/bench/load-<time>.json. LOAD_ARGS="--client browser --sessions 4" uses Chromium tabs.

@@ -321,8 +321,8 @@ def command_runs(args: argparse.Namespace) -> int:
 def command_tune(args: argparse.Namespace) -> int:
     from .jobs import start_workers, training_devices, wait_workers
     from .runs import check_saves, safe_name
-    from .tune import (StudyFailing, check_writable, default_storage, fail_trials_of, finished_trials, load_space,
-                       make_storage, run_worker, state_counts)
+    from .storage import check_writable, default_storage, make_storage
+    from .tune import StudyFailing, fail_trials_of, finished_trials, load_space, run_worker, state_counts
 
     safe_name(args.study, "study name")
     if args.trials < 1 or (args.workers is not None and args.workers < 1) or (args.timeout is not None and args.timeout <= 0):

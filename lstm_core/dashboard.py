@@ -3,7 +3,7 @@
     python -m lstm_core.dashboard [STORAGE] [--host 127.0.0.1] [--port 8080]
 
 STORAGE is any storage the app writes: a database URL, or journal:PATH (Optuna's journal file); without
-one, the app's own sqlite:///SAVES/optuna.db ($LSTM_SAVES, else saves/). It is opened by tune.make_storage,
+one, the app's own sqlite:///SAVES/optuna.db ($LSTM_SAVES, else saves/). It is opened by storage.make_storage,
 so the forms the app accepts and the ones the dashboard reads cannot drift apart. A problem (the extra not
 installed, a storage that cannot be opened, a port in use) is one line and exit status 2.
 """
@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import optuna
 
 from .config import ConfigError
-from .tune import JOURNAL, default_storage, journal_path, make_storage, sqlite_path
+from .storage import JOURNAL, default_storage, journal_path, make_storage, sqlite_path
 
 EXIT_USAGE = 2
 MISSING_EXTRA = ("optuna-dashboard is not installed: `make dashboard` installs it, or "

@@ -54,7 +54,7 @@ def running_loss_figure(batches: list[dict], height: int = 260) -> go.Figure:
     return fig
 
 
-def gradient_figure(batches: list[dict], height: int = 260) -> go.Figure:
+def gradient_figure(batches: list[dict], height: int = 300) -> go.Figure:
     """Gradient health per `log_every`-batch window (train.GradientHealth): the total gradient norm before
     clipping (mean and max of the window) and each layer's, on a log axis, so a norm that falls by orders of
     magnitude (vanishing) or jumps (exploding) shows; the share of steps that clipping cut, on the right."""
@@ -84,14 +84,14 @@ def gradient_figure(batches: list[dict], height: int = 260) -> go.Figure:
                                  marker={"color": "red", "symbol": "x", "size": 10}, showlegend=True))
         for xi, _ in bad:
             fig.add_vline(x=xi, line={"color": "red", "width": 1, "dash": "dot"})
-    fig.update_xaxes(title_text="epoch")
+    # no axis title under it: in a narrow column its five-entry legend would sit on it (the hover names the epoch)
     fig.update_yaxes(title_text="gradient norm", type="log", secondary_y=False)
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, barmode="overlay",
-                      legend={"orientation": "h", "y": -0.3})
+                      legend={"orientation": "h", "y": -0.12, "yanchor": "top"})
     return fig
 
 
-def step_gradient_figure(batches: list[dict], sequence_steps: int, lines: int = 6, height: int = 260) -> go.Figure:
+def step_gradient_figure(batches: list[dict], sequence_steps: int, lines: int = 6, height: int = 300) -> go.Figure:
     """The gradient reaching each time step (train.step_gradient_norms) at up to `lines` moments of training,
     first faint, latest dark, on a log axis: flat lines mean every step is learned from; lines falling by
     orders of magnitude towards step 1 are vanishing gradients. Steps no gradient reached at all (it
@@ -116,10 +116,10 @@ def step_gradient_figure(batches: list[dict], sequence_steps: int, lines: int = 
     if underflow:
         fig.add_annotation(text="no gradient at all reaches the missing steps (it underflows to 0)", showarrow=False,
                            xref="paper", yref="paper", x=0, y=1.08, xanchor="left", font={"size": 11, "color": "red"})
-    fig.update_xaxes(title_text="time step (1 = first row or pixel)", range=[0.5, sequence_steps + 0.5])
-    fig.update_yaxes(title_text="gradient reaching the step", type="log")
+    fig.update_xaxes(title_text="time step", range=[0.5, sequence_steps + 0.5])
+    fig.update_yaxes(title_text="gradient at the step", type="log")
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      legend={"orientation": "h", "y": -0.3})
+                      legend={"orientation": "h", "y": -0.3, "yanchor": "top"})
     return fig
 
 

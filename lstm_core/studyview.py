@@ -13,7 +13,8 @@ import optuna
 
 from .jobs import study_running
 from .runs import RunError, saves_root, study_dir
-from .tune import default_storage, state_counts, study_summaries, trial_rows
+from .storage import default_storage
+from .tune import state_counts, study_summaries, trial_rows
 
 TARGET = "val accuracy"     # what every trial's value is (the best validation accuracy of its epochs)
 

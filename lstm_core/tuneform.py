@@ -17,7 +17,8 @@ from .config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, preset
 from .jobs import launch_study, study_running
 from .runs import RunError, atomic_write_json, check_saves, safe_name, study_dir
 from .trainform import LABELS, STEPS, UI_RANGE, FieldInput
-from .tune import PRUNERS, SAMPLERS, SEARCH_RANGES, check_space, check_writable
+from .storage import check_writable
+from .tune import PRUNERS, SAMPLERS, SEARCH_RANGES, check_space
 
 # The form's first values, under the names of the `tune` command's flags.
 LAUNCH = {"trials": 20, "timeout": 0, "workers": 1, "sampler": "tpe", "pruner": "median", "preset": "default",

@@ -21,7 +21,8 @@ from lstm_core.runview import eval_metrics
 from lstm_core.studyview import (TARGET, Plottable, absent_study, contour_note, contour_pair, draw_id,
                                  evaluated_trials, first_trial, load_study, plottable, storage_studies,
                                  study_labels, study_metrics, trial_label)
-from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, default_storage, make_storage, trial_rows, trials_csv
+from lstm_core.storage import default_storage, make_storage
+from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, trial_rows, trials_csv
 from lstm_core.tuneform import (LAUNCH, LAUNCH_INPUTS, STUDY_KEYS, first_pick, launch, log_scaled, picked_range,
                                 plan_study, range_input)
 from pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, remember,

@@ -43,7 +43,8 @@ from lstm_core.jobs import request_study_stop
 from lstm_core.models import build_model
 from lstm_core.preprocess import ImageError, decode_image
 from lstm_core.runs import RunError, create_run, open_run, safe_name, study_dir
-from lstm_core.tune import make_storage, open_study, study_summaries
+from lstm_core.storage import make_storage
+from lstm_core.tune import open_study, study_summaries
 from test_preprocess import png
 
 UNREACHABLE_SERVER = "postgresql+psycopg2://nobody@127.0.0.1:9/none"   # port 9 (discard): nothing listens

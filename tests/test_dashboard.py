@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO, free_port, tiny_config, wait_until
 from lstm_core import dashboard
-from lstm_core.tune import default_storage, make_storage, run_worker
+from lstm_core.storage import default_storage, make_storage
+from lstm_core.tune import run_worker
 
 pytest.importorskip("optuna_dashboard")
 

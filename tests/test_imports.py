@@ -69,9 +69,10 @@ def test_the_import_graph_of_lstm_core_has_no_cycle():
     assert {"lstm_core.runs", "lstm_core.train"} <= graph["lstm_core.__main__"]   # imports inside functions count
 
 
-@pytest.mark.parametrize("module", ["lstm_core.runs", "lstm_core.config", "lstm_core.plotfile"])
-def test_run_folders_are_read_without_torch(module):
-    """Reading a saves folder must not pay for loading the training stack."""
+@pytest.mark.parametrize("module", ["lstm_core.runs", "lstm_core.config", "lstm_core.plotfile", "lstm_core.storage",
+                                    "lstm_core.dashboard"])
+def test_run_folders_and_studies_are_read_without_torch(module):
+    """Reading a saves folder or a study's storage (`make dashboard`) must not pay for loading the training stack."""
     code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

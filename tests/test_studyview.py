@@ -10,7 +10,7 @@ from lstm_core import plots, studyview
 from lstm_core.studyview import (absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
                                  first_trial, load_study, plottable, storage_studies, study_labels, study_metrics,
                                  trial_label)
-from lstm_core.tune import make_storage
+from lstm_core.storage import make_storage
 
 DISTRIBUTIONS = {"dropout": optuna.distributions.FloatDistribution(0.1, 0.5),
                  "hidden_size": optuna.distributions.IntDistribution(32, 128),
