@@ -21,9 +21,10 @@ FAST := -m "not browser and not full and not slow" --ignore-glob="tests/test_e2e
 test-fast: $(VENV)/.installed-test
 	$(PY) -m pytest $(FAST) $(PYTEST_ARGS)
 
-# The lowest versions pyproject.toml declares, each `>=` floor pinned, in a second venv, through the fast
-# tests: what a user with older packages gets is what was tested. torchvision is left out (PyPI's builds
-# of it need a CUDA torch); the test that downloads through it skips. CI runs this after `make test`.
+# The lowest versions pyproject.toml declares, each `>=` floor pinned (the extras' too), in a second venv,
+# through the fast tests: what a user with older packages gets is what was tested. torchvision is left out
+# (PyPI's builds of it need a CUDA torch); the test that downloads through it skips. CI runs this after
+# `make test`.
 VENV_FLOOR ?= .venv-floor
 test-floor: $(VENV_FLOOR)/.installed
 	$(VENV_FLOOR)/bin/python -m pytest $(FAST) $(PYTEST_ARGS)
@@ -32,7 +33,7 @@ $(VENV_FLOOR)/.installed: pyproject.toml
 	rm -rf $(VENV_FLOOR)
 	$(PYTHON) -m venv $(VENV_FLOOR)
 	$(PYTHON) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-		deps = p["dependencies"] + p["optional-dependencies"]["postgres"]; \
+		extras = p["optional-dependencies"]; deps = p["dependencies"] + extras["postgres"] + extras["export"] + extras["dashboard"]; \
 		print("\n".join(re.sub(r">=([^,;]+).*", r"==\1", d) for d in deps if not d.startswith("torchvision")))' \
 		> $(VENV_FLOOR)/floors.txt
 	$(VENV_FLOOR)/bin/python -m pip install --quiet -r $(VENV_FLOOR)/floors.txt pytest

@@ -173,6 +173,7 @@ def test_export_writes_into_the_run_directory_and_prints_the_path(cli, saves, ru
     code, out, err = cli("export", "r1", "--format", "torchscript")
     assert code == 0, err
     assert out.strip() == str(run_dir / "model.ts.pt") and (run_dir / "model.ts.pt").is_file()
+    pytest.importorskip("onnx")             # the `export` extra; TorchScript above needs nothing more
     code, out, err = cli("export", run_dir, "--format", "onnx", "--output", saves / "digits.onnx", "--json")
     assert code == 0, err
     summary = json.loads(out)
