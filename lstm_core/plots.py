@@ -85,7 +85,7 @@ def gradient_figure(batches: list[dict], height: int = 300) -> go.Figure:
         for xi, _ in bad:
             fig.add_vline(x=xi, line={"color": "red", "width": 1, "dash": "dot"})
     # no axis title under it: in a narrow column its five-entry legend would sit on it (the hover names the epoch)
-    fig.update_yaxes(title_text="gradient norm", type="log", secondary_y=False)
+    fig.update_yaxes(title_text="gradient norm", type="log", dtick="D2", secondary_y=False)   # 1, 2, 5 a decade
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, barmode="overlay",
                       legend={"orientation": "h", "y": -0.12, "yanchor": "top"})
     return fig
@@ -117,7 +117,7 @@ def step_gradient_figure(batches: list[dict], sequence_steps: int, lines: int = 
         fig.add_annotation(text="no gradient at all reaches the missing steps (it underflows to 0)", showarrow=False,
                            xref="paper", yref="paper", x=0, y=1.08, xanchor="left", font={"size": 11, "color": "red"})
     fig.update_xaxes(title_text="time step", range=[0.5, sequence_steps + 0.5])
-    fig.update_yaxes(title_text="gradient at the step", type="log")
+    fig.update_yaxes(title_text="gradient at the step", type="log", dtick="D2")
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       legend={"orientation": "h", "y": -0.3, "yanchor": "top"})
     return fig
