@@ -17,6 +17,14 @@ from .train import Callback, FitState, History
 FLUSH_SECONDS = 5           # the writer's thread writes at least this often: a live run shows within seconds
 
 
+def first_to_last(norms: list | None) -> float | None:
+    """The gradient reaching the first time step over the last's (train.step_gradient_norms): one scalar in
+    which vanishing gradients show, near 0 (0 when none reaches the first step at all). None without it."""
+    if not norms or not norms[-1] or norms[0] is None:
+        return None
+    return norms[0] / norms[-1]
+
+
 def writer_for(folder: Path) -> "BoardWriter | None":
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -43,7 +51,8 @@ class BoardWriter(Callback):
             "gradients/norm": record.get("grad_norm"), "gradients/norm_max": record.get("grad_norm_max"),
             "gradients/clipped_fraction": record.get("clip_fraction"),
             "gradients/nonfinite_steps": record.get("nonfinite_steps"),
-            **{f"gradients/layer/{name}": norm for name, norm in (record.get("layer_grad_norms") or {}).items()}})
+            **{f"gradients/layer/{name}": norm for name, norm in (record.get("layer_grad_norms") or {}).items()},
+            "gradients/first_to_last_step": first_to_last(record.get("step_grad_norms"))})
 
     def on_epoch_end(self, state: FitState, record: dict) -> None:
         self.scalars(record["epoch"] * state.steps_per_epoch, {

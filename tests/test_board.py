@@ -40,6 +40,9 @@ def test_progress_records_are_scalars_at_their_step(recorded):
         assert [v for _, v in values(events, f"gradients/layer/{layer}")] == pytest.approx(
             [r["layer_grad_norms"][layer] for r in batches])
     assert [v for _, v in values(events, "train/lr")] == pytest.approx([r["lr"] for r in batches])
+    # the gradient over time as one number: the first step's share of the last step's
+    assert [v for _, v in values(events, "gradients/first_to_last_step")] == pytest.approx(
+        [r["step_grad_norms"][0] / r["step_grad_norms"][-1] for r in batches])
 
 
 def test_epochs_are_scalars_at_the_step_that_ends_them(recorded):
