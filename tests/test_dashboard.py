@@ -161,9 +161,11 @@ def test_a_port_in_use_is_one_line(tmp_path, capsys):
      "-m lstm_core.dashboard 'journal:/srv/lstm.log' --host 127.0.0.1 --port 9001"),
 ])
 def test_make_dashboard_runs_this_entry(variables, command):
-    """The Makefile's command, printed (-n) and not run; -o keeps a stale venv stamp from showing its install."""
-    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE", "DASHBOARD_PORT")}
-    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "dashboard", *variables], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=30)
+    """The Makefile's command, printed (-n) and not run; -o keeps a stale venv stamp from showing its install.
+    Under `make test` this make is nested: without the outer one's variables it prints no directory lines."""
+    outer = ("STORAGE", "DASHBOARD_PORT", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "dashboard", *variables],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1].endswith(command)
