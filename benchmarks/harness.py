@@ -19,6 +19,22 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
+# the drawable canvas's drawing layer (in the component's shadow DOM, which Playwright's locators reach)
+CANVAS = "canvas.upper-canvas"
+
+
+def drag_on_canvas(page, points: list[tuple[float, float]], steps: int = 12) -> None:
+    """One mouse stroke on the Draw page's canvas through `points`, given as fractions of its width and height,
+    with `steps` mouse moves between each two (a Playwright sync Page)."""
+    box = page.locator(CANVAS).bounding_box()
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=steps)
+    page.mouse.up()
+
+
 def wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
     """predicate()'s first true value, asked every `poll` seconds; AssertionError naming `what` after
     `timeout` seconds."""

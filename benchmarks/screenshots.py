@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import CHROMIUM, CHROMIUM_ARGS, REPO, streamlit_server
+from .harness import CANVAS, CHROMIUM, CHROMIUM_ARGS, REPO, drag_on_canvas, streamlit_server
 
 WIDTH, HEIGHT = 1400, 900     # a laptop-sized window: the README shows the layout people will see
 TIMEOUT = 120_000             # ms; two shared cores draw a page of plotly charts slowly
@@ -235,18 +235,12 @@ def draw(page, url: str, ids: dict, log=print) -> None:
     from playwright.sync_api import expect
 
     open_page(page, url, "draw", "Draw")
-    canvas = page.locator("canvas.upper-canvas")
+    canvas = page.locator(CANVAS)
     expect(canvas).to_be_visible(timeout=TIMEOUT)
     settled(page)
     choose(page, "Model", ids["lstm"])
     expect(canvas).to_be_visible(timeout=TIMEOUT)
-    box = canvas.bounding_box()
-    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in THREE]
-    page.mouse.move(*at[0])
-    page.mouse.down()
-    for x, y in at[1:]:
-        page.mouse.move(x, y, steps=8)
-    page.mouse.up()
+    drag_on_canvas(page, THREE, steps=8)
     prediction = page.get_by_test_id("stMetric").filter(has_text="Prediction").get_by_test_id("stMetricValue")
     expect(prediction).to_be_visible(timeout=TIMEOUT)
     log(f"  the model reads the drawn 3 as a {prediction.inner_text()}")   # a misreading is worth a look

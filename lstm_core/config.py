@@ -96,7 +96,13 @@ class TrainConfig:
     @property
     def seq_shape(self) -> tuple[int, int]:
         """(time steps, features per step) the LSTM reads."""
-        return (28, 28) if self.seq_mode == "rows" else (784, 1)
+        steps = sequence_length(self.seq_mode)
+        return steps, 784 // steps
+
+
+def sequence_length(seq_mode: str) -> int:
+    """The time steps an LSTM reads an image in: 28 rows, or 784 pixels (in reading or permuted order)."""
+    return 28 if seq_mode == "rows" else 784
 
 
 # (low, high) for every number; the bounds are what the sliders and the CLI accept too

@@ -19,6 +19,11 @@ TRAIN, VAL = "#1f77b4", "#ff7f0e"
 DIGITS = [str(d) for d in range(10)]
 
 
+def epoch_at(record: dict) -> float:
+    """Where a progress record falls on an epoch axis: 1.5 is halfway through the second epoch."""
+    return (record["epoch"] - 1) + record["batch"] / record["batches"]
+
+
 def curves_figure(epochs: list[dict], height: int = 340) -> go.Figure:
     """Train and validation loss (left) and accuracy (right) per epoch, sharing the epoch axis."""
     fig = make_subplots(rows=1, cols=2, shared_xaxes=True, subplot_titles=("loss", "accuracy"),
@@ -39,7 +44,7 @@ def curves_figure(epochs: list[dict], height: int = 340) -> go.Figure:
 
 def running_loss_figure(batches: list[dict], height: int = 260) -> go.Figure:
     """Training loss and accuracy of each `log_every`-batch window, against epochs (fractional)."""
-    x = [(r["epoch"] - 1) + r["batch"] / r["batches"] for r in batches]
+    x = [epoch_at(r) for r in batches]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Scatter(x=x, y=[r["loss"] for r in batches], name="running loss", line={"color": TRAIN},
                              hovertemplate="epoch %{x:.2f}<br>loss %{y:.4f}<extra></extra>"))
@@ -59,7 +64,7 @@ def gradient_figure(batches: list[dict], height: int = 300) -> go.Figure:
     clipping (mean and max of the window) and each layer's, on a log axis, so a norm that falls by orders of
     magnitude (vanishing) or jumps (exploding) shows; the share of steps that clipping cut, on the right."""
     rows = [r for r in batches if "grad_norm" in r]
-    x = [(r["epoch"] - 1) + r["batch"] / r["batches"] for r in rows]
+    x = [epoch_at(r) for r in rows]
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(go.Scatter(x=x, y=[r["grad_norm"] for r in rows], name="total (mean)", line={"color": "#111111"},
                              hovertemplate="epoch %{x:.2f}<br>gradient norm %{y:.3g}<extra></extra>"))
@@ -108,7 +113,7 @@ def step_gradient_figure(batches: list[dict], sequence_steps: int, lines: int = 
         x = [(k + 0.5) * span + 0.5 for k in range(len(norms))]
         underflow |= any(v == 0 for v in norms)
         shade = 0.35 + 0.65 * n / max(len(picked) - 1, 1)
-        when = (r["epoch"] - 1) + r["batch"] / r["batches"]
+        when = epoch_at(r)
         fig.add_trace(go.Scatter(
             x=x, y=[v if v else None for v in norms], name=f"epoch {when:.2f}", mode="lines",
             line={"color": sample_colorscale(blues, shade)[0], "width": 1 + 1.5 * (i == picked[-1])},

@@ -193,15 +193,6 @@ def gradient_records(path: str | Path) -> list[dict]:
         return []
 
 
-def sequence_steps(path: str | Path) -> int:
-    """The time steps the run at `path` reads an image in (28 rows or 784 pixels), for its gradient over time;
-    28 where its config cannot be read."""
-    try:
-        return run_at(path).config().seq_shape[0]
-    except (RunError, ConfigError, OSError):
-        return 28
-
-
 def run_environment(path: str | Path) -> dict:
     """The environment the run folder at `path` recorded; {} where there is none or it cannot be read."""
     try:

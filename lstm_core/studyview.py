@@ -79,11 +79,12 @@ class Plottable:
 
 
 def plottable(study: optuna.Study) -> Plottable:
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
     params = sorted({p for t in complete for p in t.params})
     varying = [p for p in params if len({repr(t.params.get(p)) for t in complete}) > 1]
     none = "No complete trial yet." if not complete else None
-    curves = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
+    curves = any(t.intermediate_values for t in trials)
     return Plottable(params, varying, {
         "history": none, "parallel": none, "slice": none,
         "intermediate": None if curves else "No trial has finished an epoch yet.",
@@ -99,8 +100,7 @@ def contour_pair(study: optuna.Study, ready: Plottable, current: list[str] | Non
     if current is not None and set(current) <= set(ready.params):
         return current
     ranked = [p for p in most_important(study, ready) if p in ready.varying]
-    order = ranked + [p for p in ready.varying if p not in ranked] + [p for p in ready.params if p not in ready.varying]
-    return order[:2]
+    return list(dict.fromkeys([*ranked, *ready.varying, *ready.params]))[:2]
 
 
 def most_important(study: optuna.Study, ready: Plottable) -> list[str]:

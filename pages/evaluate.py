@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from lstm_core.config import sequence_length
 from lstm_core.data import DataUnavailable, load_mnist
 from lstm_core.plots import (confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure,
                              step_gradient_figure)
 from lstm_core.runs import list_runs, list_trials, read_json
-from lstm_core.runview import (environment_text, eval_metrics, evaluated_label, gradient_records, run_environment,
-                               sequence_steps)
+from lstm_core.runview import environment_text, eval_metrics, evaluated_label, gradient_records, run_environment
 from pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, saved
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
@@ -87,7 +87,8 @@ def one_run(rows: dict[str, dict]) -> None:
         norms, steps = st.columns(2, gap="medium")
         norms.plotly_chart(gradient_figure(batches), key="eval_gradients")
         if any(b.get("step_grad_norms") for b in batches):
-            steps.plotly_chart(step_gradient_figure(batches, sequence_steps(rows[run_id]["path"])), key="eval_steps")
+            length = sequence_length(rows[run_id]["seq_mode"] or "rows")    # the run list's row has its config
+            steps.plotly_chart(step_gradient_figure(batches, length), key="eval_steps")
     st.caption(environment_text(run_environment(rows[run_id]["path"])))
     gallery(result.get("misclassified") or [])
 

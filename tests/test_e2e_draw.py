@@ -6,6 +6,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Page, expect
 
+from benchmarks.harness import CANVAS, drag_on_canvas
+
 pytestmark = pytest.mark.browser
 
 TIMEOUT = 60_000  # ms; the machine may be busy with other suites
@@ -19,7 +21,7 @@ def draw_page(page: Page, app_url, trained_saves) -> Page:
     expect(page.get_by_role("heading", name="LSTM Studio")).to_be_visible(timeout=TIMEOUT)
     page.get_by_role("link", name="Draw", exact=True).click()
     expect(page.get_by_role("heading", name="Draw", exact=True)).to_be_visible(timeout=TIMEOUT)
-    expect(page.locator("canvas.upper-canvas")).to_be_visible(timeout=TIMEOUT)
+    expect(page.locator(CANVAS)).to_be_visible(timeout=TIMEOUT)
     return page
 
 
@@ -29,13 +31,7 @@ def stroke(page: Page, points: list[tuple[float, float]]) -> None:
     its drawing layer listens: a stroke it missed is drawn once more, as a person would."""
     undo = page.get_by_role("tabpanel").get_by_role("button", name="Undo")
     for attempt in range(2):
-        box = page.locator("canvas.upper-canvas").bounding_box()
-        at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
-        page.mouse.move(*at[0])
-        page.mouse.down()
-        for x, y in at[1:]:
-            page.mouse.move(x, y, steps=12)
-        page.mouse.up()
+        drag_on_canvas(page, points)
         try:
             expect(undo).to_be_enabled(timeout=10_000)
             return
