@@ -1,7 +1,7 @@
 """LSTM Studio's entrypoint: it only routes; each page lives in pages/.
 
 Because that folder is named pages/, a fresh server runs in Streamlit's legacy multipage mode until this
-script has run once; each page starts by leaving that mode (pagekit.leave_legacy_navigation).
+script has run once; each page starts by leaving that mode (app.pagekit.leave_legacy_navigation).
 """
 import streamlit as st
 

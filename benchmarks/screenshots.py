@@ -278,7 +278,7 @@ def take_all(url: str, ids: dict, out: Path, log=print) -> list[Path]:
             context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, device_scale_factor=1)
             page = context.new_page()
             # the root first: a fresh server serves a first request for a page's URL in Streamlit's legacy
-            # pages-directory mode (pagekit.leave_legacy_navigation)
+            # pages-directory mode (app.pagekit.leave_legacy_navigation)
             home(page, url, ids)
             settled(page)
             for name, visit, charts in PAGES:

@@ -17,8 +17,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (CHOICES, FIELD_TYPES, PRESETS, ConfigError, DataUnavailable, TrainConfig, from_dict, preset,
-                     read_mapping)
+from .config import (CHOICES, FIELD_TYPES, PRESETS, ConfigError, DataUnavailable, TrainConfig, flag, from_dict,
+                     preset, read_mapping)
 
 EXIT_USAGE = 2
 
@@ -30,10 +30,6 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one clear line instead of argparse's usage dump
         raise UsageError(message)
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

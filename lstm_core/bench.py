@@ -26,7 +26,6 @@ import platform
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +38,6 @@ from .evaluate import evaluate
 from .models import build_model
 from .runs import atomic_write_json, saves_root
 from .train import Callback, fit
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Throughput(Callback):

@@ -100,6 +100,11 @@ class TrainConfig:
         return steps, 784 // steps
 
 
+def flag(name: str) -> str:
+    """The command-line flag for a config field: `hidden_size` -> `--hidden-size`."""
+    return "--" + name.replace("_", "-")
+
+
 def sequence_length(seq_mode: str) -> int:
     """The time steps an LSTM reads an image in: 28 rows, or 784 pixels (in reading or permuted order)."""
     return 28 if seq_mode == "rows" else 784

@@ -37,6 +37,16 @@ NATIVE_BF16 = (8, 0)    # Ampere: bf16 tensor cores; before it, bf16 is emulated
                         # says True there too, since it counts emulation)
 
 
+def lstm_leaves_autocast(device_type: str, dtype: torch.dtype, cpu_bf16: bool = False) -> bool:
+    """Whether the LSTM layers run in fp32 outside autocast to `dtype`, the one rule that the amp policy and
+    the model's forward share: under CUDA bf16, cuDNN's LSTM would compute in fp16 with no loss scaling
+    (CUDNN_LSTM_AUTOCAST_DTYPE), and oneDNN has no reduced-precision LSTM on CPUs without AVX-512 BF16 or
+    AMX (it raises)."""
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and CUDNN_LSTM_AUTOCAST_DTYPE != torch.bfloat16
+    return device_type == "cpu" and not cpu_bf16
+
+
 @dataclass(frozen=True)
 class AmpPolicy:
     dtype: torch.dtype | None      # autocast dtype; None = fp32 (TF32 matmuls on CUDA)
@@ -64,9 +74,9 @@ def amp_policy(amp: str, device_type: str, capability: tuple[int, int] | None = 
         return AmpPolicy(None, False, torch.float32, False, "fp32 (TF32 matmuls)" if device_type == "cuda" else "fp32")
     if device_type != "cuda":
         if amp == "bf16":
-            lstm = torch.bfloat16 if device_type == "cpu" and cpu_bf16 else torch.float32
-            return AmpPolicy(torch.bfloat16, False, lstm, False,
-                             "bf16 autocast" + ("" if lstm == torch.bfloat16 else ", LSTM in fp32"))
+            outside = lstm_leaves_autocast(device_type, torch.bfloat16, cpu_bf16)
+            return AmpPolicy(torch.bfloat16, False, torch.float32 if outside else torch.bfloat16, outside,
+                             "bf16 autocast" + (", LSTM in fp32" if outside else ""))
         return fp32
     cc = tuple(capability or (0, 0))
     if amp == "bf16":
@@ -74,7 +84,7 @@ def amp_policy(amp: str, device_type: str, capability: tuple[int, int] | None = 
             raise AmpUnsupported(f"amp=bf16 needs native bf16 (compute capability 8.0 or newer); {gpu_name} is "
                                  f"{cc[0]}.{cc[1]}, where bf16 is emulated and slow: use amp=auto (fp16 with loss "
                                  "scaling) or amp=off")
-        if arch == "lstm" and CUDNN_LSTM_AUTOCAST_DTYPE == torch.float16:
+        if arch == "lstm" and lstm_leaves_autocast("cuda", torch.bfloat16):
             return AmpPolicy(torch.bfloat16, False, torch.float32, True, "bf16 autocast, LSTM in fp32 (TF32)")
         return AmpPolicy(torch.bfloat16, False, torch.bfloat16, False, "bf16 autocast")
     if cc < TENSOR_CORES:

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from . import bench, cpu
+from . import REPO, bench, cpu
 from .config import preset
 from .data import DataUnavailable, load_mnist
 from .devices import policy_for, resolve_device
 from .runs import atomic_write_json, saves_root
 
 PRESETS = ["default", "tutorial", "bilstm", "pixel", "cnn"]
-TESTS = bench.REPO / "tests" / "test_cuda.py"
+TESTS = REPO / "tests" / "test_cuda.py"
 TESTS_TIMEOUT = 300          # seconds: the measurements after them need the rest of the 8 minutes
 TTA_TARGET = 0.99
 
@@ -75,7 +75,7 @@ def run_tests(path: Path = TESTS, timeout: float = TESTS_TIMEOUT, echo=print) ->
     of its output goes to `echo` as it comes."""
     command = [sys.executable, "-m", "pytest", str(path), "-m", "cuda", "-q", "-p", "no:cacheprovider"]
     started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=bench.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     timed_out = threading.Event()
     timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
     timer.start()

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from . import REPO
 from .checkpoints import resume_checkpoint
 from .config import ConfigError, TrainConfig
 from .devices import candidate_devices, policy_for
@@ -33,7 +34,6 @@ from .runs import (LIVE_STATES, Run, RunError, atomic_write_json, create_run, pr
 
 STOP_FILE = "STOP"             # in a run's or a study's folder: stop between batches
 WORKERS_FILE = "workers.json"  # in a study's folder: the pids of its worker processes, and its storage
-REPO = Path(__file__).resolve().parent.parent
 
 
 def pick_device(devices: list[str], root: str | Path | None = None) -> str:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .devices import CUDNN_LSTM_AUTOCAST_DTYPE, cpu_has_bf16
+from .devices import cpu_has_bf16, lstm_leaves_autocast
 
 
 CHRONO_FROM_STEPS = 100     # under forget_init "auto", sequences at least this long get the chrono initialisation
@@ -41,11 +41,6 @@ def init_gate_biases(lstm: nn.LSTM, steps: int, forget_init: str = "auto") -> No
                 bias[hidden:2 * hidden].fill_(1.0)
 
 
-def outside_autocast(dtype: torch.dtype) -> bool:
-    """Whether a CUDA LSTM under autocast to `dtype` runs in fp32 outside it: under bf16, cuDNN's LSTM would
-    compute in fp16 (devices.CUDNN_LSTM_AUTOCAST_DTYPE) with no loss scaling, so it keeps fp32 (TF32) instead."""
-    return dtype == torch.bfloat16 and CUDNN_LSTM_AUTOCAST_DTYPE != torch.bfloat16
-
 
 class LSTMClassifier(nn.Module):
     """An LSTM reading an image as a sequence (rows or pixels), classified from its last step.
@@ -65,13 +60,10 @@ class LSTMClassifier(nn.Module):
     def run_lstm(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """self.lstm(x), in fp32 outside autocast where autocast would compute it in a dtype that cannot or
         must not be used: out (B, T, D*H), (h_n, c_n) (layers*D, B, H)."""
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_bf16():
-            # oneDNN has no bf16 LSTM on CPUs without AVX-512 BF16 or AMX (it raises): this layer runs in fp32
-            with torch.autocast("cpu", enabled=False):
-                return self.lstm(x.float())
-        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and outside_autocast(
-                torch.get_autocast_dtype("cuda")):
-            with torch.autocast("cuda", enabled=False):
+        kind = x.device.type
+        if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) and lstm_leaves_autocast(
+                kind, torch.get_autocast_dtype(kind), cpu_has_bf16()):
+            with torch.autocast(kind, enabled=False):
                 return self.lstm(x.float())
         return self.lstm(x)
 

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import re
 
-# Plotly uses numpy and pandas only if they are in sys.modules, without importing them: while another
-# thread is importing one (a second session's first page on a fresh server), it finds it half-initialized
-# and a figure fails with "partially initialized module". Imported here, they are whole before any figure.
-import numpy  # noqa: F401
-import pandas  # noqa: F401
 import plotly
 import plotly.graph_objects as go
 from plotly.colors import get_colorscale, sample_colorscale

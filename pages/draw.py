@@ -6,21 +6,18 @@ the Train page: this script only watches its run directory.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
-from lstm_core.checkpoints import load_model
 from lstm_core.config import preset
-from lstm_core.drawview import preview, readings, run_to_watch, step_unit, steps_caption
 from lstm_core.jobs import launch_training
 from lstm_core.plots import hidden_figure, input_figure, probability_figure, steps_figure
 from lstm_core.preprocess import Digit, ImageError, Prediction, from_canvas, from_upload, predict
 from lstm_core.runs import LIVE_STATES, RunError, list_models, list_runs
-from lstm_core.runview import model_label, run_progress
-from pagekit import leave_legacy_navigation, saved
+from app.drawview import preview, readings, run_to_watch, step_unit, steps_caption
+from app.pagekit import leave_legacy_navigation, run_model, saved
+from app.runview import model_label, run_progress
 
-leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
+leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
 CANVAS_SIZE = 280           # px; ten canvas pixels per MNIST pixel
 WATCH_REFRESH = 2.0         # s between looks at a training run (no model yet)
@@ -42,17 +39,6 @@ STATE = {"draw_canvas": 0,         # part of the canvas key: Clear bumps it for 
          "draw_quick_run": None}   # the run Quick train started, watched until it completes
 
 
-@st.cache_resource(max_entries=16, show_spinner="Loading the model…")
-def cached_model(path: str, mtime: float):
-    """(model, config) once per checkpoint version; `mtime` is only part of the key."""
-    return load_model(path)
-
-
-def get_model(row: dict):
-    best = Path(row["path"]) / "best.pt"
-    return cached_model(str(best), best.stat().st_mtime)
-
-
 # -- showing a reading -------------------------------------------------------------------------
 def show_prediction(where: str, digit: Digit, model, config) -> Prediction:
     """Top digit, the 28x28 model input and the ten probabilities, in the current container."""
@@ -70,7 +56,7 @@ def show_prediction(where: str, digit: Digit, model, config) -> Prediction:
 
 
 def show_all_models(digit: Digit, models: list[dict]) -> None:
-    rows = readings(digit, models, get_model)
+    rows = readings(digit, models, lambda row: run_model(row["path"]))
     columns = ["model", "digit", "confidence", "test_accuracy"] + (["note"] if any(r["note"] for r in rows) else [])
     st.dataframe(rows, hide_index=True, column_order=columns, column_config={
         "model": st.column_config.TextColumn("Model"),
@@ -204,7 +190,7 @@ def draw_page() -> None:
                             help="Every completed run, best validation accuracy first")
     compare = toggle.toggle("All models", key="draw_compare", help="Classify the same input with every model")
     try:
-        model, config = get_model(models[ids.index(chosen)])
+        model, config = run_model(models[ids.index(chosen)]["path"])
     except (RunError, OSError) as exc:
         st.error(f"Cannot load run {chosen}: {exc}")
         return

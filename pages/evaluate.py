@@ -2,8 +2,6 @@
 digits it got wrong), and two of them side by side."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import streamlit as st
 
@@ -11,11 +9,11 @@ from lstm_core.config import sequence_length
 from lstm_core.data import DataUnavailable, load_mnist
 from lstm_core.plots import (confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure,
                              step_gradient_figure)
-from lstm_core.runs import list_runs, list_trials, read_json
-from lstm_core.runview import environment_text, eval_metrics, evaluated_label, gradient_records, run_environment
-from pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, saved
+from lstm_core.runs import list_runs, list_trials
+from app.pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, run_eval, saved
+from app.runview import environment_text, eval_metrics, evaluated_label, gradient_records, run_environment
 
-leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
+leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
 GALLERY = 40        # the most confident mistakes: the ones that say most about what the model gets wrong
 SCALE = 3           # 28 px digits drawn at 84 px, pixel for pixel (the browser would blur a small image)
@@ -27,23 +25,10 @@ def test_images() -> np.ndarray:
     return load_mnist().test_images.numpy()     # (10000, 28, 28) uint8
 
 
-@st.cache_data(max_entries=64, show_spinner=False)
-def read_eval(path: str, mtime: float) -> dict | None:
-    """eval.json of a run directory; the mtime in the key reads a re-evaluated run again."""
-    return read_json(Path(path) / "eval.json")
-
-
-def evaluation(path: str) -> dict | None:
-    try:
-        return read_eval(path, (Path(path) / "eval.json").stat().st_mtime)
-    except OSError:
-        return None
-
-
 def evaluated() -> dict[str, dict]:
     """Every run and trial with a test evaluation, by id: runs newest first, then trials."""
     rows = list_runs() + list_trials()
-    return {r["id"]: r for r in rows if (evaluation(r["path"]) or {}).get("confusion_matrix") is not None}
+    return {r["id"]: r for r in rows if (run_eval(r["path"]) or {}).get("confusion_matrix") is not None}
 
 
 def pick(label: str, key: str, rows: dict[str, dict], default: int = 0, where=st) -> str:
@@ -72,7 +57,7 @@ def gallery(mistakes: list[dict]) -> None:
 
 def one_run(rows: dict[str, dict]) -> None:
     run_id = pick("Run or trial", "eval_run", rows)
-    result = evaluation(rows[run_id]["path"])
+    result = run_eval(rows[run_id]["path"])
     metric_row(eval_metrics(result))
     left, right = st.columns(2, gap="medium")
     with left:
@@ -99,7 +84,7 @@ def side_by_side(rows: dict[str, dict]) -> None:
         return
     left, right = st.columns(2)
     a, b = pick("Run A", "eval_a", rows, 0, left), pick("Run B", "eval_b", rows, 1, right)
-    cm_a, cm_b = (evaluation(rows[i]["path"]) for i in (a, b))
+    cm_a, cm_b = (run_eval(rows[i]["path"]) for i in (a, b))
     acc = st.columns(2)
     acc[0].metric("A: test accuracy", f"{cm_a['test_accuracy']:.2%}")
     acc[1].metric("B: test accuracy", f"{cm_b['test_accuracy']:.2%}",

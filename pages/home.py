@@ -2,10 +2,10 @@
 import streamlit as st
 
 from lstm_core.devices import available_devices
-from lstm_core.runview import runs_table
-from pagekit import leave_legacy_navigation, listed_runs
+from app.runview import runs_table
+from app.pagekit import leave_legacy_navigation, listed_runs
 
-leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
+leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
 RECENT = 8  # the newest runs shown here; the Runs page has them all
 COLUMNS = {

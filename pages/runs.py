@@ -4,10 +4,10 @@ import streamlit as st
 
 from lstm_core.plots import overlay_figure
 from lstm_core.runs import RunError, open_run
-from lstm_core.runview import delete_runs, environment_text, run_curves, runs_table, selection_key, weight_files
-from pagekit import leave_legacy_navigation, listed_runs
+from app.runview import delete_runs, environment_text, run_curves, runs_table, selection_key, weight_files
+from app.pagekit import leave_legacy_navigation, listed_runs
 
-leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
+leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
 # The Home page's table, so a run reads the same on both pages.
 # what people compare first (accuracy, model, time), in view without scrolling sideways; then the rest

@@ -16,19 +16,19 @@ import streamlit as st
 from lstm_core.config import ConfigError
 from lstm_core.jobs import request_study_stop, running_studies, study_workers
 from lstm_core.plots import STUDY_PLOTS, per_class_figure, study_figure
-from lstm_core.runs import RunError, run_at
-from lstm_core.runview import eval_metrics
-from lstm_core.studyview import (TARGET, Plottable, absent_study, contour_note, contour_pair, draw_id,
-                                 evaluated_trials, first_trial, load_study, plottable, storage_studies,
-                                 study_labels, study_metrics, trial_label)
+from lstm_core.runs import RunError
 from lstm_core.storage import default_storage, make_storage
 from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, trial_rows, trials_csv
-from lstm_core.tuneform import (LAUNCH, LAUNCH_INPUTS, STUDY_KEYS, first_pick, launch, log_scaled, picked_range,
-                                plan_study, range_input)
-from pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, remember,
-                     rerun_when_ended, restore)
+from app.pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, open_on_train, remember,
+                         rerun_when_ended, restore, run_eval)
+from app.runview import eval_metrics
+from app.studyview import (TARGET, Plottable, absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
+                           first_trial, load_study, plottable, storage_studies, study_labels, study_metrics,
+                           trial_label)
+from app.tuneform import (LAUNCH, LAUNCH_INPUTS, STUDY_KEYS, first_pick, launch, log_scaled, picked_range, plan_study,
+                          range_input)
 
-leave_legacy_navigation()     # a fresh server's first request named this page: see pagekit.py
+leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
 REFRESH_SECONDS = 2.0
 # The launch form's widgets and their first values, kept in `tune_values` (pagekit.restore).
@@ -197,13 +197,6 @@ def show_study(url: str, name: str, existed: bool) -> None:
 
 
 # -- one trial -----------------------------------------------------------------------------------
-def open_in_train(run_dir: str) -> None:
-    config = run_at(run_dir).config().to_dict()
-    # the Train page's widgets read their own keys first, then what it keeps in train_values
-    st.session_state.update(config, train_values=config)
-    st.switch_page("pages/train.py")
-
-
 def inspect_trial(study: optuna.Study) -> None:
     st.subheader("Trial")
     trials = evaluated_trials(study)
@@ -214,7 +207,7 @@ def inspect_trial(study: optuna.Study) -> None:
         st.session_state.tune_trial = first_trial(trials)
     number = st.selectbox("Trial", list(trials), key="tune_trial", format_func=lambda n: trial_label(trials[n]))
     row = trials[number]
-    evaluation = run_at(row["run_dir"]).eval() or {}
+    evaluation = run_eval(row["run_dir"]) or {}
     if evaluation.get("confusion_matrix") is None:
         st.info(f"Trial {number} ended without a test evaluation.")
         return
@@ -246,7 +239,7 @@ def tuning_page() -> None:
     action, *args = st.session_state.get("tune_request") or (None,)
     if action in ("train", "draw"):
         del st.session_state.tune_request
-        (open_in_train if action == "train" else open_on_draw)(*args)
+        (open_on_train if action == "train" else open_on_draw)(*args)
     st.title("Tuning")
     notice = st.session_state.pop("tune_notice", None)
     if notice:

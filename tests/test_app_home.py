@@ -1,11 +1,11 @@
 """The home page under AppTest: devices, the no-runs message, the runs table, and a broken saves root."""
 import json
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
+
 ENTRY = str(REPO / "streamlit_app.py")
 
 

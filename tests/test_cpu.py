@@ -406,3 +406,11 @@ def test_entry_points_still_take_strided_tensors_they_copy(kernel):
     ref = kernel.batch_images(images, idx.contiguous(), u, spans, 0.1, 0.3)
     strided_images = images.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(kernel.batch_images(strided_images, idx, u.double(), spans, 0.1, 0.3), ref)
+
+
+def test_two_checkouts_of_different_versions_keep_a_kernel_build_each():
+    """torch's extension cache keys a build by its name: a name without the source would have two clones of
+    different versions rebuild over each other at every start."""
+    source = cpu_kernel.SOURCE.read_bytes()
+    assert cpu_kernel.build_name() == cpu_kernel.build_name(source)
+    assert cpu_kernel.build_name(source + b"\n// another version\n") != cpu_kernel.build_name(source)

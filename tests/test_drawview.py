@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from lstm_core.drawview import preview, readings, run_to_watch, step_unit, steps_caption
+from app.drawview import preview, readings, run_to_watch, step_unit, steps_caption
 from lstm_core.models import build_model
 from lstm_core.preprocess import Digit
 from lstm_core.runs import RunError

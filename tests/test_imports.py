@@ -76,3 +76,27 @@ def test_run_folders_and_studies_are_read_without_torch(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules, sorted(sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+BLOCKER = """
+import importlib, importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: lstm_core must not import it")
+sys.meta_path.insert(0, Block())
+for module in MODULES:
+    importlib.import_module(module)
+"""
+
+
+@pytest.mark.parametrize("blocked, modules", [
+    (["streamlit", "plotly", "pandas"], sorted(set(MODULES) - {"lstm_core.plots"})),
+    (["streamlit", "pandas"], ["lstm_core.plots"]),
+], ids=["engine", "figures"])
+def test_the_engine_imports_no_app_packages(blocked, modules):
+    """lstm_core is the engine: no Streamlit anywhere in it, and no plotly or pandas outside its figures. The
+    view layer (app/) sits between it and the pages."""
+    code = f"BLOCKED = {blocked!r}\nMODULES = {modules!r}\n{BLOCKER}"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

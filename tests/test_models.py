@@ -6,6 +6,7 @@ from torch import nn
 
 from lstm_core import models
 from lstm_core.config import TrainConfig, preset
+from lstm_core.devices import CUDNN_LSTM_AUTOCAST_DTYPE, amp_policy, lstm_leaves_autocast
 from lstm_core.models import CNNClassifier, LSTMClassifier, build_model, count_parameters
 
 
@@ -117,5 +118,9 @@ def test_bf16_autocast_on_a_cpu_without_bf16_runs_the_lstm_in_fp32(monkeypatch):
 
 def test_a_cuda_lstm_leaves_bf16_autocast_for_fp32():
     # cuDNN's LSTM would compute in fp16 under any CUDA autocast (devices.CUDNN_LSTM_AUTOCAST_DTYPE)
-    assert models.outside_autocast(torch.bfloat16) == (models.CUDNN_LSTM_AUTOCAST_DTYPE != torch.bfloat16)
-    assert not models.outside_autocast(torch.float16)
+    assert lstm_leaves_autocast("cuda", torch.bfloat16) == (CUDNN_LSTM_AUTOCAST_DTYPE != torch.bfloat16)
+    assert not lstm_leaves_autocast("cuda", torch.float16)
+    assert lstm_leaves_autocast("cpu", torch.bfloat16, cpu_bf16=False)
+    assert not lstm_leaves_autocast("cpu", torch.bfloat16, cpu_bf16=True)
+    # the policy and the model's forward read the same rule
+    assert amp_policy("bf16", "cuda", (9, 0)).lstm_outside_autocast == lstm_leaves_autocast("cuda", torch.bfloat16)

@@ -6,7 +6,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-import pagekit
+from app import pagekit
 
 from conftest import REPO
 
@@ -71,7 +71,7 @@ def test_this_streamlit_is_a_tested_one_and_has_the_api():
     def script():
         import streamlit as st
 
-        import pagekit
+        from app import pagekit
         st.write(str(pagekit.pages_manager() is not None))
 
     at = AppTest.from_function(script).run()

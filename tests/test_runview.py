@@ -6,7 +6,7 @@ import pytest
 
 from lstm_core.config import TrainConfig
 from lstm_core.runs import append_jsonl, create_run, list_runs, open_run, process_start_time
-from lstm_core.runview import (batch_progress, default_run, delete_runs, ended_note, epoch_metrics, eval_metrics,
+from app.runview import (batch_progress, default_run, delete_runs, ended_note, epoch_metrics, eval_metrics,
                                evaluated_label, model_label, run_curves, run_progress, runs_table, selection_key,
                                weight_files)
 
@@ -127,7 +127,7 @@ def test_a_selection_key_changes_with_the_rows():
 
 
 def test_the_environment_in_one_line():
-    from lstm_core.runview import environment_text
+    from app.runview import environment_text
     assert "not recorded" in environment_text({})
     cpu = {"python": "3.11.7", "torch": "2.14.1", "cuda": None, "optuna": "5.1.0", "cpu": "AMD EPYC", "threads": 2,
            "gpu": None, "git_commit": "0123456789abcdef-dirty"}
@@ -140,5 +140,5 @@ def test_the_environment_in_one_line():
 
 
 def test_a_folder_that_cannot_be_read_has_no_gradients_and_no_environment(tmp_path):
-    from lstm_core.runview import gradient_records, run_environment
+    from app.runview import gradient_records, run_environment
     assert gradient_records(tmp_path / "gone") == [] and run_environment(tmp_path / "gone") == {}

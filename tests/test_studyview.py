@@ -6,8 +6,9 @@ import random
 import optuna
 import pytest
 
-from lstm_core import plots, studyview
-from lstm_core.studyview import (absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
+from app import studyview
+from lstm_core import plots
+from app.studyview import (absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
                                  first_trial, load_study, plottable, storage_studies, study_labels, study_metrics,
                                  trial_label)
 from lstm_core.storage import make_storage

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lstm_core import trainform
+from app import trainform
 from lstm_core.__main__ import build_parser, config_from_args
 from lstm_core.config import BOUNDS, CHOICES, PRESETS, TrainConfig, preset
-from lstm_core.trainform import ADVANCED, COMMON, field_input, form_config, parameter_count, train_command
+from app.trainform import ADVANCED, COMMON, field_input, form_config, parameter_count, train_command
 
 DEVICES = [SimpleNamespace(name="cpu", label="2 cores")]      # what field_input reads of available_devices()
 

@@ -5,13 +5,13 @@ from dataclasses import fields
 
 import pytest
 
-from lstm_core import tuneform
+from app import tuneform
 from lstm_core.__main__ import build_parser
 from lstm_core.config import PRESETS, ConfigError, TrainConfig, preset
 from lstm_core.runs import RunError
 from lstm_core.storage import make_storage
 from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, check_space
-from lstm_core.tuneform import (LAUNCH, LAUNCH_INPUTS, first_pick, log_grid, picked_range, plan_study,
+from app.tuneform import (LAUNCH, LAUNCH_INPUTS, first_pick, log_grid, picked_range, plan_study,
                                 range_input)
 
 SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 16},

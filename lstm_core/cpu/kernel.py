@@ -2,7 +2,7 @@
 
     module = load()          # the compiled extension, or None where it cannot be built (no C++ compiler)
 
-It is compiled once per CPU model and torch version (about 30 s, by `make` at setup or on first use)
+It is compiled once per CPU model, torch version and source (about 30 s, by `make` at setup or on first use)
 into torch's extension cache, ~/.cache/torch_extensions. LSTM_STUDIO_FUSED=0 leaves it unbuilt, so
 everything runs in torch's own ops.
 """
@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from ..devices import cpuinfo
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lstm_cpu.cpp")
@@ -31,14 +33,14 @@ def flags() -> list[str]:
     return flags
 
 
-def build_name() -> str:
-    """One build per CPU model and torch: -march=native code must not reach a different CPU."""
-    try:
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        cpu = platform.processor()
-    key = hashlib.sha1(f"{cpu}|{torch.__version__}|{platform.machine()}".encode()).hexdigest()[:10]
-    return f"lstm_studio_cpu_{key}"
+def build_name(source: bytes | None = None) -> str:
+    """One build per CPU model, torch and kernel source: -march=native code must not reach a different CPU,
+    and two checkouts of different versions on one machine keep a build each instead of rebuilding over each
+    other's at every start (torch's cache keys a build by its name alone)."""
+    cpu = next((line for line in cpuinfo().splitlines() if line.startswith("flags")), "") or platform.processor()
+    source = SOURCE.read_bytes() if source is None else source
+    key = hashlib.sha1(f"{cpu}|{torch.__version__}|{platform.machine()}|{' '.join(flags())}|".encode() + source)
+    return f"lstm_studio_cpu_{key.hexdigest()[:10]}"
 
 
 def load():

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import streamlit as st
 
 from lstm_core.plots import confusion_figure
-from lstm_core.runs import list_runs, saves_root
+from lstm_core.runs import list_runs, read_json, run_at, saves_root
 
 T = TypeVar("T")
 # Streamlit releases whose private pages manager leave_legacy_navigation was tested with: from the floor in
@@ -107,6 +107,40 @@ def saved(read: Callable[[], T]) -> T | None:
     except OSError as exc:
         st.error(f"Cannot read the saved runs: {exc}")
         return None
+
+
+@st.cache_resource(max_entries=16, show_spinner="Loading the model…")
+def _model_at(path: str, mtime: float):
+    from lstm_core.checkpoints import load_model    # torch: only where a page shows a model
+    return load_model(path)
+
+
+def run_model(path: str | Path):
+    """(model, config) of a run's best.pt, loaded once per checkpoint version (its mtime is in the key)."""
+    best = Path(path) / "best.pt"
+    return _model_at(str(best), best.stat().st_mtime)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _eval_at(path: str, mtime: float) -> dict | None:
+    return read_json(Path(path))
+
+
+def run_eval(path: str | Path) -> dict | None:
+    """A run's eval.json, read again once it is rewritten (its mtime is in the key); None if there is none."""
+    file = Path(path) / "eval.json"
+    try:
+        return _eval_at(str(file), file.stat().st_mtime)
+    except OSError:
+        return None
+
+
+def open_on_train(run_dir: str) -> None:
+    """Switch to the Train page with this run's (or trial's) config in its form."""
+    config = run_at(run_dir).config().to_dict()
+    # the Train page's widgets read their own keys first, then what it keeps in train_values
+    st.session_state.update(config, train_values=config)
+    st.switch_page("pages/train.py")
 
 
 def open_on_draw(run_id: str) -> None:

@@ -12,13 +12,12 @@ import math
 import os
 from dataclasses import dataclass
 
-from .__main__ import flag
-from .config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, preset
-from .jobs import launch_study, study_running
-from .runs import RunError, atomic_write_json, check_saves, safe_name, study_dir
-from .trainform import LABELS, STEPS, UI_RANGE, FieldInput
-from .storage import check_writable
-from .tune import PRUNERS, SAMPLERS, SEARCH_RANGES, check_space
+from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, flag, preset
+from lstm_core.jobs import launch_study, study_running
+from lstm_core.runs import RunError, atomic_write_json, check_saves, safe_name, study_dir
+from app.trainform import LABELS, STEPS, UI_RANGE, FieldInput
+from lstm_core.storage import check_writable
+from lstm_core.tune import PRUNERS, SAMPLERS, SEARCH_RANGES, check_space
 
 # The form's first values, under the names of the `tune` command's flags.
 LAUNCH = {"trials": 20, "timeout": 0, "workers": 1, "sampler": "tpe", "pruner": "median", "preset": "default",

@@ -13,11 +13,10 @@ import shlex
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
-from .__main__ import flag
-from .config import BOUNDS, CHOICES, FIELD_TYPES, ConfigError, TrainConfig, from_dict, preset
-from .models import build_model, count_parameters
-from .jobs import describe_holder, device_holder, launch_training, pick_device, training_devices
-from .runs import Run
+from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, ConfigError, TrainConfig, flag, from_dict, preset
+from lstm_core.models import build_model, count_parameters
+from lstm_core.jobs import describe_holder, device_holder, launch_training, pick_device, training_devices
+from lstm_core.runs import Run
 
 # the fields shown above the Advanced expander, in this order; the others are in it, in TrainConfig's order
 COMMON = ("arch", "seq_mode", "hidden_size", "num_layers", "dropout", "bidirectional", "optimizer", "lr",

@@ -10,10 +10,10 @@ import io
 
 from PIL import Image, ImageOps
 
-from .config import TrainConfig
-from .preprocess import Digit, predict
-from .runs import LIVE_STATES, RunError
-from .runview import model_label
+from lstm_core.config import TrainConfig
+from lstm_core.preprocess import Digit, predict
+from lstm_core.runs import LIVE_STATES, RunError
+from app.runview import model_label
 
 
 def readings(digit: Digit, models: list[dict], load) -> list[dict]:

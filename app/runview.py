@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
-from .jobs import delete_run
-from .runs import LIVE_STATES, Run, RunError, describe_model, format_seconds, open_run, run_at
+from lstm_core.config import ConfigError
+from lstm_core.jobs import delete_run
+from lstm_core.runs import LIVE_STATES, Run, RunError, describe_model, format_seconds, open_run, run_at
 
 
 def model_label(row: dict) -> str:
