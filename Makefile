@@ -61,9 +61,11 @@ dashboard: $(VENV)/.installed
 bench-app: $(VENV)/.installed-test chromium
 	$(PY) -m benchmarks.cold_start
 
-# A GPU host's check: the CUDA tests, then speed and accuracy on the GPU (sized for 8 minutes on an H100), into
-# saves/bench/gpucheck-<time>.json; non-zero exit when a check fails. It needs only torch, numpy and pytest,
-# so it runs with the venv's python or, where there is none, a plain python3. GPUCHECK_ARGS="--device cpu --small".
+# A GPU host's check: the CUDA tests, then speed and accuracy on the GPU, every stage within a 450 s budget
+# (--budget) for one try of about 8 minutes, into saves/bench/gpucheck-<time>.json (a temporary folder where that
+# cannot be written); non-zero exit when a check fails. It needs only torch, numpy, pytest and MNIST's IDX files
+# in $LSTM_DATA (else saves/data), so it runs with the venv's python or, where there is none, a plain python3.
+# GPUCHECK_ARGS="--device cpu --small".
 PYTHON_GPU ?= $(shell [ -x $(PY) ] && echo $(PY) || echo $(PYTHON))
 gpu-check:
 	$(PYTHON_GPU) -m lstm_core.gpucheck $(GPUCHECK_ARGS)

@@ -28,7 +28,10 @@ def model_label(row: dict) -> str:
 
 
 def evaluated_label(row: dict) -> str:
-    """What a picker of evaluated runs and trials calls one (a row of runs.list_runs or list_trials)."""
+    """What a picker of evaluated runs and trials calls one (a row of runs.list_runs or list_trials); a
+    damaged one says so, and why."""
+    if row.get("damaged"):
+        return f"{row['id']} · {describe_model(row)}"
     if row["test_accuracy"] is None:
         return row["id"]
     return f"{row['id']} · {'trial' if row.get('kind') == 'trial' else 'run'} · test {row['test_accuracy']:.2%}"
@@ -92,7 +95,8 @@ def default_run(runs: list[dict], chosen: str | None) -> str | None:
 
 def runs_table(runs: list[dict]) -> pd.DataFrame:
     """The rows of list_runs() as a table: with each run's model in words, its creation time as a date,
-    and its accuracies in percent (what the tables print with a % sign)."""
+    and its accuracies in percent (what the tables print with a % sign); a damaged run's model says it is
+    damaged, and why."""
     table = pd.DataFrame([{**r, "model": describe_model(r)} for r in runs])
     table["created_at"] = pd.to_datetime(table["created_at"], unit="s", errors="coerce")
     for column in ("best_val_accuracy", "test_accuracy"):

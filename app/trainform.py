@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, ConfigError, TrainConfig, flag, from_dict, preset
 from lstm_core.models import build_model, count_parameters
-from lstm_core.jobs import describe_holder, device_holder, launch_training, pick_device, training_devices
+from lstm_core.jobs import describe_holder, device_holder, launch_training, training_devices
 from lstm_core.runs import Run
 
 # the fields shown above the Advanced expander, in this order; the others are in it, in TrainConfig's order
@@ -109,12 +109,18 @@ def train_command(config: TrainConfig, preset_name: str) -> str:
 
 
 def start_training(config: TrainConfig) -> tuple[Run, str]:
-    """Launch a run of `config` in the background: the run, and a line saying whether it started or waits
-    for its device. ConfigError: no device here can train it."""
-    device = pick_device(training_devices(config))
-    holder = device_holder(device)
+    """Launch a run of `config` in the background: the run, and a line saying whether it started or is
+    queued, and behind what. The run holds its device from the launch on (jobs.launch_training), so the
+    line stays true when another tab pressed Start at the same moment. ConfigError: no device here can
+    train it; RunError: the saves folder cannot take a run."""
+    devices = training_devices(config)
     run = launch_training(config)
-    if holder:
-        return run, (f"{device} is busy with {describe_holder(holder)}: run {run.id} is queued and starts when "
-                     "it ends.")
-    return run, f"Started run {run.id}."
+    device = run.status().get("device")
+    if device:
+        return run, f"Started run {run.id} on {device}."
+    holder = device_holder(devices[0])
+    who = describe_holder(holder) if holder else "another process"
+    if len(devices) == 1:
+        return run, f"Run {run.id} is queued: {devices[0]} is busy with {who}; it starts when that ends."
+    return run, (f"Run {run.id} is queued: {', '.join(devices)} are all busy ({devices[0]} with {who}); it "
+                 "starts when one is free.")

@@ -59,10 +59,9 @@ def stop_live_runs(root: Path, timeout: float = 60) -> None:
             and open_run(r["id"], root).status().get("pid") != os.getpid()]
     for run_id in live:
         request_stop(open_run(run_id, root))
-    deadline = time.time() + timeout
-    while live and time.time() < deadline:
-        time.sleep(0.2)
-        live = [i for i in live if open_run(i, root).status().get("state") in LIVE_STATES]
+    if live:
+        wait_until(lambda: not [i for i in live if open_run(i, root).status().get("state") in LIVE_STATES],
+                   timeout, f"the training processes of {', '.join(live)} stopping")
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@ draw and tuning.
 
     .venv/bin/python -m benchmarks.screenshots                   # or: make screenshots
     .venv/bin/python -m benchmarks.screenshots --out /tmp/shots --keep
+    .venv/bin/python -m benchmarks.screenshots --out /tmp/narrow --saves KEPT/saves --width 900   # a narrow window
 
 In a throwaway saves root it trains three small real models (a few thousand MNIST samples, a few epochs)
 and runs a small Optuna study, then starts `streamlit run` over it and visits each page in Chromium,
@@ -127,7 +128,7 @@ def settled(page, charts: int = 0) -> None:
 def open_page(page, url: str, path: str, heading: str) -> None:
     from playwright.sync_api import expect
 
-    page.set_viewport_size({"width": WIDTH, "height": HEIGHT})
+    page.set_viewport_size({"width": page.viewport_size["width"], "height": HEIGHT})
     page.goto(f"{url}/{path}")
     expect(page.get_by_role("heading", name=heading, exact=True)).to_be_visible(timeout=TIMEOUT)
 
@@ -168,14 +169,15 @@ def shoot(page, out: Path, name: str, charts: int = 0) -> Path:
     """OUT/<name>.png of the page, down to MAX_HEIGHT[name] at most, once it is drawn."""
     from PIL import Image
 
-    page.mouse.move(WIDTH - 1, 1)         # no hover toolbars or tooltips in the picture
+    width = page.viewport_size["width"]     # the window's, as take_all opened it
+    page.mouse.move(width - 1, 1)         # no hover toolbars or tooltips in the picture
     page.evaluate("() => document.activeElement && document.activeElement.blur()")   # nor a focus ring
     settled(page, charts)
     height = max(HEIGHT, round(page.evaluate(CUT_JS, MAX_HEIGHT[name])))
-    page.set_viewport_size({"width": WIDTH, "height": height})
+    page.set_viewport_size({"width": width, "height": height})
     settled(page, charts)       # a taller window can relayout the charts (no scrollbar, a new width)
     png = page.screenshot(animations="disabled", caret="hide")
-    page.set_viewport_size({"width": WIDTH, "height": HEIGHT})
+    page.set_viewport_size({"width": width, "height": HEIGHT})
     path = out / f"{name}.png"
     # a screenshot of an app has few colours: a palette of 256 without dithering keeps text and lines sharp
     # at a third of the size or less
@@ -268,14 +270,14 @@ PAGES = (("home", home, 0), ("train", train, 3), ("runs", runs, 1), ("evaluate",
          ("draw", draw, 4), ("tuning", tuning, 6))
 
 
-def take_all(url: str, ids: dict, out: Path, log=print) -> list[Path]:
+def take_all(url: str, ids: dict, out: Path, width: int = WIDTH, log=print) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     written = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, device_scale_factor=1)
+            context = browser.new_context(viewport={"width": width, "height": HEIGHT}, device_scale_factor=1)
             page = context.new_page()
             # the root first: a fresh server serves a first request for a page's URL in Streamlit's legacy
             # pages-directory mode (app.pagekit.leave_legacy_navigation)
@@ -299,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                         "and say where they are")
     parser.add_argument("--saves", type=Path, help="photograph this saves root as it is instead of training a "
                         "fresh one (one that --keep kept)")
+    parser.add_argument("--width", type=int, default=WIDTH, help=f"the window's width in px (default {WIDTH}); a "
+                        "narrower one shows how the charts read in narrow columns")
     opts = parser.parse_args(argv)
     check_browser()
     started = time.perf_counter()
@@ -324,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         # into the work folder first: a page that fails leaves the pictures in OUT as they were, all of one run
         shots = work / "screenshots"
         shots.mkdir()
-        taken = take_all(url, ids, shots)
+        taken = take_all(url, ids, shots, opts.width)
         opts.out.mkdir(parents=True, exist_ok=True)
         for path in taken:
             shutil.copyfile(path, opts.out / path.name)

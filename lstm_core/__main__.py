@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -17,8 +19,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (CHOICES, FIELD_TYPES, PRESETS, ConfigError, DataUnavailable, TrainConfig, flag, from_dict,
-                     preset, read_mapping)
+from .config import (CHOICES, FIELD_TYPES, LSTM_ONLY, PRESETS, ConfigError, DataUnavailable, TrainConfig, flag,
+                     from_dict, preset, read_mapping)
 
 EXIT_USAGE = 2
 
@@ -64,9 +66,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
-LSTM_ONLY = ("seq_mode", "hidden_size", "num_layers", "bidirectional", "forget_init")
-
-
 def build_parser() -> Parser:
     parser = Parser(prog="python -m lstm_core", description="Train, evaluate and list LSTM MNIST classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -81,6 +80,7 @@ def build_parser() -> Parser:
                        "its config.json is the config, so no other config flags are allowed")
     train.add_argument("--resume", metavar="RUN", help="continue a cancelled, interrupted or failed run (id or "
                        "directory) from the end of its last finished epoch")
+    train.add_argument("--device-lock", metavar="DEVICE:FD", help=argparse.SUPPRESS)  # taken by jobs.launch_training
     add_config_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="test-set metrics of a run or checkpoint, as JSON")
@@ -113,6 +113,8 @@ def build_parser() -> Parser:
     tune.add_argument("--config", metavar="FILE", help="JSON or TOML file of fixed TrainConfig fields")
     tune.add_argument("--saves", metavar="DIR")
     tune.add_argument("--json", action="store_true", help="end stdout with one JSON summary line")
+    tune.add_argument("--repair-journal", action="store_true", help="cut the torn last line a killed writer left "
+                      "in a journal:PATH storage, after copying the file to PATH.bak")
     tune.add_argument("--force-workers", action="store_true",
                       help="start --workers N even where N is more than the cores or memory can run at once")
     tune.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a child of --workers
@@ -128,57 +130,71 @@ def build_parser() -> Parser:
 def command_train(args: argparse.Namespace) -> int:
     from .data import load_mnist
     from .checkpoints import resume_checkpoint
-    from .jobs import STOP_FILE, StopRequest, describe_holder, device_lock, training_devices
+    from .jobs import STOP_FILE, StopRequest, describe_holder, device_lock, inherited_lock, training_devices
     from .recorder import RunRecorder
-    from .runs import check_saves, create_run, process_start_time
+    from .runs import (LIVE_STATES, check_saves, check_writable, create_run, os_error_text, process_start_time,
+                       to_json)
     from .train import fit
 
     stop_event = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop_event.set())  # cooperative: the run ends between batches, checkpointed
+    held = inherited_lock(args.device_lock) if args.device_lock else None   # the app took it for this run
     resume = None
     if args.run_dir or args.resume:
         run = existing_run(args)
         config = run.config()
         devices = training_devices(config)
+        check_saves(args.saves, below=("locks",))
+        check_writable(run.path, "make it writable, or copy the run folder somewhere writable and resume that copy")
         if args.resume:
             resume = resume_checkpoint(run)
-            run.write_status(state="queued", resuming=False, ended_at=None, error=None)
-            (run.path / STOP_FILE).unlink(missing_ok=True)
     else:
         config = config_from_args(args)
         devices = training_devices(config)          # an absent device or amp mode: refused before any folder
-        check_saves(args.saves)
+        check_saves(args.saves, below=("runs", "locks"))
+    if args.resume:
+        run.write_status(state="queued", resuming=False, ended_at=None, error=None)
+        (run.path / STOP_FILE).unlink(missing_ok=True)
     mnist = load_mnist(args.data_dir)
     if not (args.run_dir or args.resume):
         run = create_run(config, args.saves)
     print(run.path, flush=True)
-    run.write_status(pid=os.getpid(), pid_start=process_start_time(os.getpid()))
-    stop = StopRequest(run.path, stop_event)
+    recorder = None
+    try:
+        run.write_status(pid=os.getpid(), pid_start=process_start_time(os.getpid()))
+        stop = StopRequest(run.path, stop_event)
 
-    def waiting(holder: str | None) -> None:
-        run.write_status(waiting_for=holder or "another process")
-        print(f"{' and '.join(devices)} {'is' if len(devices) == 1 else 'are'} busy with "
-              f"{describe_holder(holder) if holder else 'another process'}: queued until one is free",
-              file=sys.stderr, flush=True)
+        def waiting(holder: str | None) -> None:
+            run.write_status(waiting_for=holder or "another process")
+            print(f"{' and '.join(devices)} {'is' if len(devices) == 1 else 'are'} busy with "
+                  f"{describe_holder(holder) if holder else 'another process'}: queued until one is free",
+                  file=sys.stderr, flush=True)
 
-    with device_lock(devices, run.id, args.saves, stop=stop, on_wait=waiting) as device:
-        if device is None:
-            run.write_status(state="cancelled", ended_at=time.time(), waiting_for=None)
-            print(f"cancelled while queued -> {run.path}", flush=True)
-            return 0
-        run.write_status(waiting_for=None)
-        history = fit(config, [RunRecorder(run), ProgressPrinter()], stop=stop, data=mnist, resume=resume,
-                      device=device)
+        with device_lock(devices, run.id, args.saves, stop=stop, on_wait=waiting, held=held) as device:
+            if device is None:
+                run.write_status(state="cancelled", ended_at=time.time(), waiting_for=None)
+                print(f"cancelled while queued -> {run.path}", flush=True)
+                return 0
+            run.write_status(waiting_for=None)
+            recorder = RunRecorder(run)
+            history = fit(config, [recorder, ProgressPrinter()], stop=stop, data=mnist, resume=resume, device=device)
+    except OSError as exc:        # a full disk, a folder gone read-only: the run fails, saying where and why
+        error = recorder.failure(exc) if recorder else f"{os_error_text(exc)}; run {run.id} did not start"
+        with contextlib.suppress(OSError):
+            if run.status().get("state") in LIVE_STATES:     # (the recorder has said it already)
+                run.write_status(state="failed", ended_at=time.time(), waiting_for=None, error=error)
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     summary = history.summary()
     test_acc = summary["test_accuracy"]
     print(f"{history.stopped}: {len(history.epochs)} epoch(s) in {history.train_seconds:.1f} s, "
           f"best val acc {history.best_val_accuracy:.2%} (epoch {history.best_epoch}), "
           f"test acc {test_acc:.2%}, macro-F1 {summary['macro_f1']:.4f} -> {run.path}", flush=True)
     if args.json:
-        print(json.dumps({"run_dir": str(run.path), "state": run.status().get("state"), "test_accuracy": test_acc,
-                          "macro_f1": summary["macro_f1"], "train_seconds": history.train_seconds,
-                          "best_val_accuracy": history.best_val_accuracy, "epochs": len(history.epochs)}))
+        print(to_json({"run_dir": str(run.path), "state": run.status().get("state"), "test_accuracy": test_acc,
+                       "macro_f1": summary["macro_f1"], "train_seconds": history.train_seconds,
+                       "best_val_accuracy": history.best_val_accuracy, "epochs": len(history.epochs)}))
     return 0
 
 
@@ -245,6 +261,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .evaluate import evaluate
     from .checkpoints import load_model
+    from .runs import to_json
 
     path = weights_path(args)
     try:
@@ -255,12 +272,12 @@ def command_evaluate(args: argparse.Namespace) -> int:
     mnist = load_mnist(args.data_dir)
     started = time.perf_counter()
     result = evaluate(model, mnist.test_images.to(device), mnist.test_labels.to(device), config)
-    print(json.dumps({"path": str(path), "test_accuracy": result["accuracy"], "test_loss": result["loss"],
-                      "test_error": result["error"], "macro_precision": result["macro_precision"],
-                      "macro_recall": result["macro_recall"], "macro_f1": result["macro_f1"],
-                      "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
-                      "n": result["n"], "misclassified": len(result["misclassified"]),
-                      "seconds": round(time.perf_counter() - started, 3)}))
+    print(to_json({"path": str(path), "test_accuracy": result["accuracy"], "test_loss": result["loss"],
+                   "test_error": result["error"], "macro_precision": result["macro_precision"],
+                   "macro_recall": result["macro_recall"], "macro_f1": result["macro_f1"],
+                   "per_class": result["per_class"], "confusion_matrix": result["confusion_matrix"],
+                   "n": result["n"], "misclassified": len(result["misclassified"]),
+                   "seconds": round(time.perf_counter() - started, 3)}))
     return 0
 
 
@@ -272,30 +289,31 @@ def weights_path(args: argparse.Namespace) -> Path:
     if not path.is_file():
         if not path.is_dir() and (path.suffix in (".pt", ".pth") or path.is_absolute()):
             raise RunError(f"no such file or run directory: {path}")
-        check_saves(args.saves, write=False)
+        check_saves(args.saves, write=False, below=("runs",))
         path = (run_at(path) if path.is_dir() else open_run(args.path, args.saves)).path
     return path
 
 
 def command_export(args: argparse.Namespace) -> int:
     from .export import MissingDependency, export_run
+    from .runs import to_json
 
     try:
         written = export_run(weights_path(args), args.format, args.output)
     except MissingDependency as exc:      # the environment lacks a package, not a usage error
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({"path": str(written), "format": args.format, "bytes": written.stat().st_size})
+    print(to_json({"path": str(written), "format": args.format, "bytes": written.stat().st_size})
           if args.json else written)
     return 0
 
 
 def command_runs(args: argparse.Namespace) -> int:
-    from .runs import check_saves, format_seconds, list_runs
+    from .runs import check_saves, format_seconds, list_runs, to_json
 
-    rows = list_runs(check_saves(args.saves, write=False))
+    rows = list_runs(check_saves(args.saves, write=False, below=("runs",)))
     if args.json:
-        print(json.dumps(rows))
+        print(to_json(rows))
         return 0
     if not rows:
         print("no runs yet: python -m lstm_core train --preset default")
@@ -305,8 +323,10 @@ def command_runs(args: argparse.Namespace) -> int:
     for r in rows:
         model = "cnn" if r["arch"] == "cnn" else (f"{'bi' if r['bidirectional'] else ''}lstm "
                                                   f"{r['num_layers']}x{r['hidden_size']} {r['seq_mode']}")
-        table.append((r["id"], r["state"], model, f"{r['epochs_done']}/{r['epochs']}", pct(r["best_val_accuracy"]),
-                      pct(r["test_accuracy"]), format_seconds(r["duration_s"]) if r["duration_s"] else "-",
+        if r["damaged"]:                # no model to describe: say why instead
+            model = f"damaged: {r['damaged']}"
+        table.append((r["id"], r["state"], model, f"{r['epochs_done']}/{r['epochs'] or '?'}",
+                      pct(r["best_val_accuracy"]), pct(r["test_accuracy"]), format_seconds(r["duration_s"]) if r["duration_s"] else "-",
                       r["device"] or "-"))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
     for row in table:
@@ -317,21 +337,33 @@ def command_runs(args: argparse.Namespace) -> int:
 def command_tune(args: argparse.Namespace) -> int:
     from .jobs import start_workers, training_devices, wait_workers
     from .runs import check_saves, safe_name
-    from .storage import check_writable, default_storage, make_storage
+    from .storage import REPAIRED, check_writable, default_storage, journal_path, make_storage, repair_journal
     from .tune import StudyFailing, fail_trials_of, finished_trials, load_space, run_worker, state_counts
 
     safe_name(args.study, "study name")
-    if args.trials < 1 or (args.workers is not None and args.workers < 1) or (args.timeout is not None and args.timeout <= 0):
-        raise UsageError("--trials and --workers must be at least 1, and --timeout positive")
+    timeout_ok = args.timeout is None or (args.timeout > 0 and math.isfinite(args.timeout))   # nan is not > 0
+    if args.trials < 1 or (args.workers is not None and args.workers < 1) or not timeout_ok:
+        raise UsageError("--trials and --workers must be at least 1, and --timeout positive and finite"
+                         + ("" if timeout_ok else f", got --timeout {args.timeout:g}"))
+    if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2**32:     # what Optuna's samplers take
+        raise UsageError(f"--sampler-seed must be between 0 and {2**32 - 1}, got {args.sampler_seed}")
     base = config_from_args(args)
     devices = training_devices(base)           # an absent device is refused before any trial or folder exists
     if args.workers is None:                   # one worker per GPU that `auto` may take, else one
         args.workers = len(devices) if base.device == "auto" and devices[0] != "cpu" else 1
     space = load_space(args.space, base)
+    fixed = [name for name in space if getattr(args, name) is not None]     # every trial's value would be searched
+    if fixed:
+        raise UsageError(f"the search space searches {', '.join(fixed)}, which {', '.join(flag(f) for f in fixed)} "
+                         "would fix: drop the flag, or drop the field from the space (--space FILE)")
     storage = args.storage or default_storage(args.saves)
     if not args.worker:                         # (a --workers child: its parent checked all this already)
         check_workers(args.workers, devices, args.force_workers)
         check_saves(args.saves)                 # the default SQLite file and the trials' folders live there
+        if args.repair_journal:
+            backup = repair_journal(storage)
+            if backup:
+                print(REPAIRED.format(journal=journal_path(storage), backup=backup), flush=True)
         check_writable(make_storage(storage), storage)   # an unreachable, malformed or read-only storage fails here
     if base.num_threads == 0:                   # K workers share the cores instead of fighting over them
         base = base.replace(num_threads=max(1, (os.cpu_count() or 1) // args.workers))
@@ -352,7 +384,13 @@ def command_tune(args: argparse.Namespace) -> int:
     failed_children = 0
     for child in wait_workers(children):
         failed_children += 1
-        for number in fail_trials_of(args.study, storage, child.pid):   # so the study and the folders agree
+        try:
+            numbers = fail_trials_of(args.study, storage, child.pid)   # so the study and the folders agree
+        except Exception:
+            if failing is None:
+                raise
+            numbers = []        # the storage that failed this worker cannot record the child's trials either
+        for number in numbers:
             print(f"worker {child.pid} ended with status {child.returncode} in trial {number}: marked failed",
                   file=sys.stderr, flush=True)
     if failing:
@@ -420,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except DataUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:      # a full disk or an unwritable folder mid-command: one line, not a traceback
+        from .runs import os_error_text
+        print(f"error: {os_error_text(exc)}", file=sys.stderr)
         return 1
 
 

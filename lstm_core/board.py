@@ -10,8 +10,11 @@ running and the per-epoch curves share one axis.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 
+from .runs import write_error
 from .train import Callback, FitState, History
 
 FLUSH_SECONDS = 5           # the writer's thread writes at least this often: a live run shows within seconds
@@ -30,19 +33,51 @@ def writer_for(folder: Path) -> "BoardWriter | None":
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return BoardWriter(SummaryWriter(str(folder), flush_secs=FLUSH_SECONDS))
+    quiet_writer_threads()
+    try:
+        return BoardWriter(SummaryWriter(str(folder), flush_secs=FLUSH_SECONDS), Path(folder))
+    except OSError as exc:
+        raise write_error(exc, Path(folder) / "events.out.tfevents") from None
+
+
+def quiet_writer_threads() -> None:
+    """Keep tensorboard's writer thread from printing a traceback when a write fails (a full disk): it raises
+    the error in the thread, where Python prints it, and again in the training loop's next call to the
+    writer, where the recorder fails the run with one line that says it."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args):
+        if not (issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 class BoardWriter(Callback):
     """Scalars per progress record and per epoch, the config and final metrics as hparams at the end."""
 
-    def __init__(self, writer):
+    def __init__(self, writer, folder: Path):
         self.writer = writer
+        self.folder = folder
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A failed write names no file (the writer thread's OSError): name this run's events file."""
+        try:
+            yield
+        except OSError as exc:
+            events = max(self.folder.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime,
+                         default=self.folder / "events.out.tfevents")
+            raise write_error(exc, events) from None
 
     def scalars(self, step: int, values: dict) -> None:
-        for tag, value in values.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(tag, value, step)
+        with self.writing():
+            for tag, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(tag, value, step)
 
     def on_batch(self, state: FitState, record: dict) -> None:
         self.scalars(record["step"], {
@@ -59,7 +94,8 @@ class BoardWriter(Callback):
             "loss/train": record["train_loss"], "loss/validation": record["val_loss"],
             "accuracy/train": record["train_accuracy"], "accuracy/validation": record["val_accuracy"],
             "epoch": record["epoch"]})
-        self.writer.flush()
+        with self.writing():
+            self.writer.flush()
 
     def on_run_end(self, state: FitState, history: History) -> None:
         test = history.test or {}
@@ -67,9 +103,11 @@ class BoardWriter(Callback):
                    "hparam/macro_f1": test.get("macro_f1"), "hparam/best_val_accuracy": history.best_val_accuracy,
                    "hparam/epochs": len(history.epochs)}
         # run_name ".": the hparams go into this run's own folder, not a timestamped one beside it
-        self.writer.add_hparams(state.config.to_dict(), {k: v for k, v in metrics.items() if v is not None},
-                                run_name=".")
-        self.writer.close()
+        with self.writing():
+            self.writer.add_hparams(state.config.to_dict(), {k: v for k, v in metrics.items() if v is not None},
+                                    run_name=".")
+            self.writer.close()
 
     def on_exception(self, state: FitState, exc: BaseException) -> None:
-        self.writer.close()
+        with contextlib.suppress(OSError):     # the run has failed already; the events file is what it is
+            self.writer.close()

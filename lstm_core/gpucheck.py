@@ -1,33 +1,44 @@
 """A GPU host's check: `make gpu-check` (python -m lstm_core.gpucheck). Runs the CUDA tests, then measures
 what training costs on this GPU; one JSON file, a table, and a non-zero exit when a check fails.
 
-    python -m lstm_core.gpucheck                          # on the GPU, sized for 8 minutes on an H100
+    python -m lstm_core.gpucheck                          # on the GPU, within 450 s (one try of ~8 minutes)
     python -m lstm_core.gpucheck --device cpu --small     # the same stages on a CPU, in small
-    python -m lstm_core.gpucheck --skip-tests --out gpu.json
+    python -m lstm_core.gpucheck --skip-tests --out gpu.json --budget 300
 
-Stages, in order, each written to the JSON as it ends (a run cut short keeps what it measured):
-  tests       tests/test_cuda.py -m cuda in a subprocess: its pass/fail counts
+Before anything, MNIST must load from the data folder (data.default_data_dir: $LSTM_DATA, else SAVES/data;
+the IDX files there or in its MNIST/raw), the folder the tests read too; else one line says which files
+are missing where, and the exit code is 2. Stages, in order, each with a deadline (its share of the
+budget left when it starts: time one stage leaves goes to the later ones), the JSON written after each
+(and after each throughput row), so a run cut short keeps what it measured:
+  tests       tests/test_cuda.py -m cuda in a subprocess of its own process group: its pass/fail counts. At
+              its deadline the whole group is killed, training processes the tests started included
   peak        the GEMM peak FLOP/s: TF32 (fp32 with TF32 allowed), bf16 and fp16 on a GPU; fp32 (and
               bf16) on a CPU
   throughput  samples/s of each preset at its batch size: fp32 (TF32), amp=auto (with its policy) and, for
               the LSTMs, fp32 on torch's own CUDA LSTM (cuDNN off); a roofline against the peak of the dtype
-              the LSTM computes in (bench.py's rows; on a CPU bench.py's CPU rows)
+              the LSTM computes in (bench.py's rows, timing training steps only; on a CPU its CPU rows)
   tta         `default` trained for its 15 epochs (amp=auto, as a user trains it): when it first reaches
               99.0% test accuracy
   pixel       one epoch of `pixel` (784 steps a sample, amp=auto): wall seconds and the test accuracy after it
 
-A check fails when the CUDA tests fail or none ran on a GPU, a stage raises, a throughput is not positive,
-a GPU row's roofline is not below 1, or (not --small) `default` never reaches 99.0%; the exit code is then
-1. Without the device asked for (the default is cuda) it stops at once with one line and exit code 2. It
-reads MNIST from $LSTM_DATA and needs nothing beyond torch, numpy and pytest: a bare GPU host has no
-streamlit, optuna, plotly, pandas or torchvision.
+A check fails when the CUDA tests fail or none ran on a GPU, a stage raises or is cut at its deadline, a
+throughput is not positive, a GPU row's roofline is not below 1, or (not --small) `default` never reaches
+99.0%; the exit code is then 1. Without the device asked for (the default is cuda) it stops at once with
+one line and exit code 2. It needs nothing beyond torch, numpy and pytest: a bare GPU host has no
+streamlit, optuna, plotly, pandas, torchvision or tensorboard. A GPU in exclusive-process compute mode is
+named in one line (the tests that need a second process on it skip themselves); where the report's
+folder cannot be written (a read-only checkout) the report goes to a temporary folder, and a line says where.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -38,13 +49,16 @@ import torch
 
 from . import REPO, bench, cpu
 from .config import preset
-from .data import DataUnavailable, load_mnist
+from .data import DataUnavailable, default_data_dir, idx_problem, load_mnist
 from .devices import policy_for, resolve_device
 from .runs import atomic_write_json, saves_root
 
 PRESETS = ["default", "tutorial", "bilstm", "pixel", "cnn"]
 TESTS = REPO / "tests" / "test_cuda.py"
-TESTS_TIMEOUT = 300          # seconds: the measurements after them need the rest of the 8 minutes
+BUDGET = 450.0     # seconds for all the stages: one try of about 8 minutes, less start-up and the verdict
+# each stage's share of the budget; at its start a stage gets its share of what is left among the stages
+# still to run (the last gets all of it). The tests are most of it: a failing test is the finding that counts
+SHARES = {"tests": 0.5, "peak": 0.03, "throughput": 0.2, "tta": 0.17, "pixel": 0.1}
 TTA_TARGET = 0.99
 
 
@@ -69,27 +83,131 @@ SMALL = Plan(batches=4, pixel_batches=2, peak_seconds=0.2, tta_epochs=1, tta_lim
              val_size=1000, test_size=1000)
 
 
-# -- the stages --------------------------------------------------------------------------------
-def run_tests(path: Path = TESTS, timeout: float = TESTS_TIMEOUT, echo=print) -> dict:
-    """`pytest PATH -m cuda` in a subprocess from the repository root: its exit code and counts. Each line
-    of its output goes to `echo` as it comes."""
-    command = [sys.executable, "-m", "pytest", str(path), "-m", "cuda", "-q", "-p", "no:cacheprovider"]
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    timed_out = threading.Event()
-    timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
-    timer.start()
-    lines = []
+# -- time limits -------------------------------------------------------------------------------
+class StageTimeout(BaseException):
+    """A stage ran past its deadline. Not an Exception, like KeyboardInterrupt: the handlers that keep a stage
+    going past one failure (a throughput row's) must not keep it going past its deadline."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise StageTimeout inside the block once `seconds` have passed. It arrives between two Python
+    bytecodes, so a torch op under way ends first; one that never returns (a hung GPU) is for the caller's
+    own time limit, and the report written after every stage keeps what was measured before it. Only
+    the main thread gets signals: elsewhere the block runs without a deadline."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ring(signum, frame):
+        raise StageTimeout(f"cut at its deadline of {seconds:.1f} s")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
     try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_group(command: list[str], timeout: float, echo=print, cwd: Path = REPO) -> dict:
+    """`command` in a session (and process group) of its own, each line of its output to `echo` as it comes.
+    At `timeout` seconds the whole group is killed, and when the command ends so is whatever it left running:
+    a training process a test started would otherwise keep the GPU from the stages after it."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+
+    def read() -> None:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
-            echo(f"  | {lines[-1]}")
-        proc.wait()
+            echo(lines[-1])
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
-        timer.cancel()
-    return {"path": str(path), "command": " ".join(command[1:]), "returncode": proc.returncode,
-            "timed_out": timed_out.is_set(), "seconds": time.perf_counter() - started,
-            **pytest_counts(lines, proc.returncode), "tail": lines[-30:]}
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    reader.join(timeout=10)   # a process that left the group may hold the pipe open: not worth a hang
+    return {"returncode": proc.returncode, "timed_out": timed_out, "timeout_s": timeout,
+            "seconds": time.perf_counter() - started, "lines": lines}
+
+
+# -- the GPU's compute mode --------------------------------------------------------------------
+def compute_mode(gpu: str) -> str | None:
+    """nvidia-smi's compute mode of `gpu` (an index or GPU-<uuid>): Default, Exclusive_Process or
+    Prohibited; None where nvidia-smi is missing or does not answer."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={gpu}", "--query-gpu=compute_mode", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    mode = out.stdout.strip()
+    return mode if out.returncode == 0 and mode else None
+
+
+def nvidia_smi_id(device: torch.device) -> str:
+    """`device` as nvidia-smi names it: by UUID, since CUDA_VISIBLE_DEVICES renumbers torch's indices."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return f"GPU-{uuid}" if uuid else str(device.index or 0)
+
+
+def sharing_problem(mode: str | None) -> str | None:
+    """One line when a GPU in compute mode `mode` cannot have two processes on it at once; else None."""
+    if mode is None or mode == "Default":
+        return None
+    return (f"the GPU's compute mode is {mode}: only one process at a time can hold a CUDA context on it, so "
+            "the tests that need a second process on it are skipped")
+
+
+def second_process_problem(device: torch.device) -> str | None:
+    """None when another process can compute on `device` while this one holds a CUDA context there; else one
+    line saying why not. nvidia-smi's compute mode where it answers; else this process takes a context and
+    a child process tries for one (so never call it where this process must stay off the GPU)."""
+    mode = compute_mode(nvidia_smi_id(device))
+    if mode is not None:
+        return sharing_problem(mode)
+    torch.zeros(1, device=device)
+    probe = subprocess.run([sys.executable, "-c", f"import torch; torch.zeros(1, device='cuda:{device.index or 0}')"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode == 0:
+        return None
+    last = (probe.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    return (f"a second process could not use {device} beside this one ({last}): the GPU is likely in "
+            "exclusive-process compute mode, so the tests that need a second process on it are skipped")
+
+
+# -- where the report goes ---------------------------------------------------------------------
+def writable(path: Path) -> tuple[Path, str | None]:
+    """`path` when its folder can be written here; else the same name in a new temporary folder (a read-only
+    checkout), with one line saying so and where."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+        return path, None
+    except OSError as exc:
+        moved = Path(tempfile.mkdtemp(prefix="lstm-gpucheck-")) / path.name
+        return moved, f"{path.parent} cannot be written ({exc.strerror or exc}): the report goes to {moved}"
+
+
+# -- the stages --------------------------------------------------------------------------------
+def run_tests(path: Path = TESTS, timeout: float = BUDGET * SHARES["tests"], echo=print) -> dict:
+    """`pytest PATH -m cuda` from the repository root, in a process group of its own killed at `timeout`
+    seconds (run_group): its exit code and counts. Each line of its output goes to `echo` as it comes."""
+    command = [sys.executable, "-m", "pytest", str(path), "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+    run = run_group(command, timeout, lambda line: echo(f"  | {line}"))
+    lines = run.pop("lines")
+    return {"path": str(path), "command": " ".join(command[1:]), **run, **pytest_counts(lines, run["returncode"]),
+            "tail": lines[-30:]}
 
 
 def pytest_counts(lines: list[str], returncode: int) -> dict:
@@ -108,12 +226,11 @@ def pytest_counts(lines: list[str], returncode: int) -> dict:
     return {**counts, "summary": summary or (lines[-1].strip() if lines else "no output")}
 
 
-def throughput(mnist, device: torch.device, plan: Plan, peak: dict, echo=print) -> list[dict]:
-    """bench.py's table rows for every preset in PRESETS, their rooflines against `peak`; on a CPU against
-    each preset's own best-of-three peak just before it, as `make bench` does there, since a shared host's
-    speed drifts. A row that raises is kept as its error."""
-    rows = []
-    for name in PRESETS:
+def throughput(mnist, device: torch.device, plan: Plan, peak: dict, presets=PRESETS, echo=print):
+    """bench.py's table rows for every preset in `presets`, one at a time as each is measured, their rooflines
+    against `peak`; on a CPU against each preset's own best-of-three peak just before it, as `make bench`
+    does there, since a shared host's speed drifts. A row that raises is kept as its error."""
+    for name in presets:
         base = preset(name).replace(device=str(device))
         batches = plan.batches if base.seq_mode == "rows" else plan.pixel_batches
         if device.type != "cuda":
@@ -127,8 +244,7 @@ def throughput(mnist, device: torch.device, plan: Plan, peak: dict, echo=print) 
                 row = {"preset": name, "dtype": variant, "error": error_text(exc)}
                 echo(f"{name:<10}{variant:<11}failed: {row['error']}")
                 traceback.print_exc()
-            rows.append(row)
-    return rows
+            yield row
 
 
 def time_to_target(mnist, device: torch.device, plan: Plan) -> dict:
@@ -158,21 +274,30 @@ def planned_data(mnist, plan: Plan):
 def problems(result: dict, device: torch.device, small: bool) -> list[str]:
     """Every failed check in `result`, one line each; none means the host passed."""
     found = []
+    stages = result.get("stages", {})
     tests = result.get("tests")
-    if tests:
-        if "error" in tests:
-            found.append(f"the CUDA tests could not be run: {tests['error']}")
-        elif tests["timed_out"]:
-            found.append(f"the CUDA tests did not finish in {TESTS_TIMEOUT} s")
+    if "error" in stages.get("tests", {}):
+        found.append(f"the CUDA tests could not be run: {stages['tests']['error']}")
+    elif tests:
+        if tests["timed_out"]:
+            found.append(f"the CUDA tests did not finish in their {tests['timeout_s']:.0f} s (their process group "
+                         "was killed)")
         elif tests["returncode"] == 5:
             found.append(f"no CUDA test was collected from {tests['path']} ({tests['summary']})")
         elif tests["returncode"] != 0:
             found.append(f"the CUDA tests failed: {tests['summary']}")
         elif device.type == "cuda" and tests["passed"] == 0:
             found.append(f"no CUDA test ran on this GPU: {tests['summary']}")
-    for stage in ("peak", "tta", "pixel"):
-        if isinstance(result.get(stage), dict) and "error" in result[stage]:
-            found.append(f"{stage} failed: {result[stage]['error']}")
+    for stage, record in stages.items():
+        if stage == "tests":
+            continue
+        if "error" in record:
+            found.append(f"{stage} failed: {record['error']}")
+        elif record.get("timed_out"):
+            found.append(f"{stage} was cut at its {record['deadline_s']:.1f} s deadline (of a "
+                         f"{result['budget_s']:.0f} s budget)")
+        elif "skipped" in record:
+            found.append(f"{stage} did not run: {record['skipped']}")
     for row in result.get("throughput") or []:
         what = f"{row['preset']} {row['dtype']}"
         if "error" in row:
@@ -183,7 +308,7 @@ def problems(result: dict, device: torch.device, small: bool) -> list[str]:
             found.append(f"{what}: roofline {row['roofline']:.0%} of the {row['peak_dtype']} peak (a ceiling "
                          "it cannot pass: the FLOP count or the peak is wrong)")
     tta = result.get("tta")
-    if not small and isinstance(tta, dict) and "error" not in tta and tta["seconds_to_target"] is None:
+    if not small and tta and tta["seconds_to_target"] is None:
         found.append(f"default never reached {TTA_TARGET:.1%} test accuracy in {tta['epochs']} epochs "
                      f"(final {tta['final_test_accuracy']:.2%})")
     return found
@@ -208,13 +333,18 @@ def device_info(device: torch.device) -> dict:
 
 # -- the command -------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python -m lstm_core.gpucheck", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (default; fails when there is no GPU), cuda:N, "
                                                          "auto, or cpu")
     parser.add_argument("--small", action="store_true", help="a few batches per figure, one short epoch for the "
                                                              "time to accuracy, a slice of the pixel epoch")
+    parser.add_argument("--budget", type=float, default=BUDGET, help="seconds for all the stages together "
+                        f"(default {BUDGET:.0f}); each stage is cut at its share of them")
     parser.add_argument("--out", type=Path, help="the JSON file (default SAVES/bench/gpucheck-<time>.json)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
+    parser.add_argument("--presets", nargs="+", default=PRESETS, choices=PRESETS, metavar="PRESET",
+                        help="the presets the throughput stage measures (default: all)")
     parser.add_argument("--tests", type=Path, default=TESTS, help=argparse.SUPPRESS)   # another tests file
     args = parser.parse_args(argv)
     try:
@@ -223,47 +353,84 @@ def main(argv=None) -> int:
         build = "" if torch.version.cuda else f" (this torch, {torch.__version__}, is a CPU-only build)"
         print(f"gpucheck: {exc}{build}; `--device cpu --small` checks the CPU instead", file=sys.stderr)
         return 2
+    data_dir = default_data_dir()
+    try:      # before the tests, which read the same folder (tests/conftest.py)
+        mnist = load_mnist(data_dir)
+    except DataUnavailable as exc:
+        why = idx_problem(data_dir) or str(exc).splitlines()[0]
+        print(f"gpucheck: {why}; put MNIST's four IDX files there, or point $LSTM_DATA at their folder",
+              file=sys.stderr)
+        return 2
     plan = SMALL if args.small else FULL
-    out = args.out or saves_root() / "bench" / f"gpucheck-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    out, moved = writable(args.out or saves_root() / "bench" /
+                          f"gpucheck-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json")
     say = lambda text: print(f"[{time.perf_counter() - started:5.0f}s] {text}", flush=True)  # noqa: E731
     echo = lambda text: print(text, flush=True)  # noqa: E731
     result = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "small": args.small,
-              **device_info(device)}
-    say(f"gpucheck on {result.get('gpu', 'the CPU')} ({device}), {'small' if args.small else 'full'} plan; "
-        f"writing {out}")
+              "budget_s": args.budget, "data": str(data_dir), **device_info(device), "stages": {}}
+    say(f"gpucheck on {result.get('gpu', 'the CPU')} ({device}), {'small' if args.small else 'full'} plan, "
+        f"{args.budget:.0f} s budget; writing {out}")
+    if moved:
+        say(moved)
+    if device.type == "cuda":    # nvidia-smi only: this process must hold no CUDA context while the tests run
+        result["compute_mode"] = mode = compute_mode(nvidia_smi_id(device))
+        say(f"compute mode: {sharing_problem(mode) or mode or 'unknown (no answer from nvidia-smi)'}")
+    todo = [name for name in SHARES if name != "tests" or not args.skip_tests]
 
-    def stage(name: str, measure) -> None:
-        try:
-            result[name] = measure()
-        except Exception as exc:  # noqa: BLE001 - a failed stage is reported; the later ones still run
-            traceback.print_exc()
-            result[name] = {"error": error_text(exc)}
-            say(f"{name} failed: {result[name]['error']}")
+    def stage(name: str, measure, needs: str | None = None) -> None:
+        """Run stage `name` under its deadline, record how it ended in result["stages"] and write the report.
+        `measure` returns the stage's result (None: it stored its own as it went)."""
+        left = args.budget - (time.perf_counter() - started)
+        seconds = left * SHARES[name] / sum(SHARES[n] for n in todo[todo.index(name):])
+        record = result["stages"][name] = {"deadline_s": round(seconds, 1)}
+        begun = time.perf_counter()
+        if needs is not None and needs not in result:
+            record["skipped"] = f"it needs the {needs} stage's result"
+        elif seconds <= 0:
+            record["skipped"] = f"the {args.budget:.0f} s budget was spent"
+        else:
+            try:
+                if name == "tests":         # a subprocess with its own deadline, the group killed at it
+                    result[name] = measure(seconds)
+                    record["timed_out"] = result[name]["timed_out"]
+                else:
+                    with deadline(seconds):
+                        value = measure()
+                    if value is not None:
+                        result[name] = value
+            except StageTimeout:
+                record["timed_out"] = True
+                say(f"{name}: cut at its {seconds:.1f} s deadline; what it measured before is kept")
+            except Exception as exc:  # noqa: BLE001 - a failed stage is reported; the later ones still run
+                traceback.print_exc()
+                record["error"] = error_text(exc)
+                say(f"{name} failed: {record['error']}")
+        record["seconds"] = time.perf_counter() - begun
         result["elapsed_s"] = time.perf_counter() - started
         atomic_write_json(out, result)
 
     if not args.skip_tests:
         say(f"tests: {args.tests} -m cuda")
-        stage("tests", lambda: run_tests(args.tests, echo=echo))
-        say(f"tests: {result['tests'].get('summary', result['tests'].get('error'))}")
-    try:
-        mnist = load_mnist()
-    except DataUnavailable as exc:     # nothing to measure; the tests' verdict still stands
-        print(f"gpucheck: {exc}", file=sys.stderr)
-        return finish(result, [str(exc).splitlines()[0]] + problems(result, device, args.small), out, say)
+        stage("tests", lambda seconds: run_tests(args.tests, seconds, echo=echo))
+        say(f"tests: {result.get('tests', {}).get('summary', result['stages']['tests'].get('error'))}")
     # a GPU's speed holds still: one timing each; a shared CPU's drifts, so the best of three
     stage("peak", lambda: bench.peak_flops(device, plan.peak_seconds, tries=1 if device.type == "cuda" else 3))
-    if "error" not in result["peak"]:
+    if "peak" in result:
         say("GEMM peak: " + ", ".join(f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in result["peak"].items()))
-    say("throughput (training samples/s in fit; roofline against the peak of the dtype the LSTM computes in)")
+    say(f"throughput (training samples/s in fit, {bench.TIMING}; roofline against the peak of the dtype the "
+        "LSTM computes in)")
     echo(bench.table_header(device))
-    if "error" not in result["peak"]:     # (a row's roofline needs the peak)
-        stage("throughput", lambda: throughput(mnist, device, plan, result["peak"], echo))
+    result["throughput"] = []
+
+    def measure_throughput() -> None:
+        for row in throughput(mnist, device, plan, result["peak"], args.presets, echo):
+            result["throughput"].append(row)
+            atomic_write_json(out, result)
+
+    stage("throughput", measure_throughput, needs="peak")     # (a row's roofline needs the peak)
     say(f"time to {TTA_TARGET:.1%}: default, {plan.tta_epochs} epoch(s)")
     stage("tta", lambda: time_to_target(mnist, device, plan))
-    if "error" not in result["tta"]:
+    if "tta" in result:
         tta = result["tta"]
         reached = f"{tta['seconds_to_target']:.1f} s" if tta["seconds_to_target"] else "not reached"
         say(f"time to {TTA_TARGET:.1%}: {reached}; final {tta['final_test_accuracy']:.2%} after "
@@ -271,7 +438,7 @@ def main(argv=None) -> int:
             + ", ".join(f"{acc:.2%}" for _, _, acc in tta["curve"]))
     say(f"pixel: one epoch of {plan.pixel_limit or 'all'} training samples")
     stage("pixel", lambda: pixel_epoch(mnist, device, plan))
-    if "error" not in result["pixel"]:
+    if "pixel" in result:
         px = result["pixel"]
         say(f"pixel: one epoch ({px['samples']:,} samples, batch {px['batch_size']}, {px['amp']}) in "
             f"{px['wall_seconds']:.1f} s, test accuracy {px['test_accuracy']:.2%}")

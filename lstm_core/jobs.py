@@ -9,9 +9,11 @@ liveness, delete.
 
 A run holds an exclusive lock on its device (a file lock in SAVES/locks, released by the kernel when the
 process ends, however it ends). A second run for the same device waits, `queued`, until the first ends;
-a run for `auto` on a host with several GPUs takes the first free one. Tuning trials take the same locks
-(device_lock says how). A STOP file in a run's or a study's folder asks it to stop between batches, and
-still does after a restart of whatever wrote it.
+a run for `auto` on a host with several GPUs takes the first free one. A run launched from here takes its
+lock at the launch and hands it to its process, so two runs started at the same moment start in the order
+they were launched, and the second knows from the start which one it waits for. Tuning trials take the
+same locks (device_lock says how). A STOP file in a run's or a study's folder asks it to stop between
+batches, and still does after a restart of whatever wrote it.
 """
 from __future__ import annotations
 
@@ -23,23 +25,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 from . import REPO
 from .checkpoints import resume_checkpoint
 from .config import ConfigError, TrainConfig
 from .devices import candidate_devices, policy_for
-from .runs import (LIVE_STATES, Run, RunError, atomic_write_json, create_run, process_alive, process_start_time,
-                   read_json_object, saves_root, study_dir, try_lock, unlock)
+from .runs import (LIVE_STATES, Run, RunError, atomic_write_json, check_saves, create_run, process_alive,
+                   process_start_time, read_json_object, saves_root, study_dir, try_lock, unlock)
 
 STOP_FILE = "STOP"             # in a run's or a study's folder: stop between batches
 WORKERS_FILE = "workers.json"  # in a study's folder: the pids of its worker processes, and its storage
-
-
-def pick_device(devices: list[str], root: str | Path | None = None) -> str:
-    """Where a run for `devices` (training_devices) would start now: the first that no live run or trial
-    holds, else the first."""
-    return next((d for d in devices if device_holder(d, root) is None), devices[0])
 
 
 def training_devices(config: TrainConfig) -> list[str]:
@@ -90,25 +86,54 @@ def device_holder(device: str, root: str | Path | None = None) -> str | None:
     return owner if state in LIVE_STATES else None
 
 
+def claim(handle: IO, owner: str) -> None:
+    """Write the owner into a lock file this process has just locked, for device_holder to read."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(owner)
+    handle.flush()
+
+
+def take_device(devices: list[str], owner: str, root: str | Path | None = None) -> tuple[str, IO] | None:
+    """The first of `devices` that is free now, locked for `owner` without waiting: the device and its open
+    lock file (the lock lasts while it, or a process that inherited it, is open); None when all are held."""
+    for device in devices:
+        path = lock_path(device, root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+        if try_lock(handle):
+            claim(handle, owner)
+            return device, handle
+        handle.close()
+    return None
+
+
+def inherited_lock(spec: str) -> tuple[str, IO]:
+    """The lock a launcher took for this process (take_device), from the `DEVICE:FD` it passed."""
+    device, fd = spec.rsplit(":", 1)
+    return device, os.fdopen(int(fd), "a+")
+
+
 @contextlib.contextmanager
 def device_lock(devices: str | list[str], owner: str, root: str | Path | None = None,
                 stop: Callable[[], bool] = lambda: False, on_wait: Callable[[str | None], None] = lambda holder: None,
-                poll: float = 0.5, shared: bool = False) -> Iterator[str | None]:
+                poll: float = 0.5, shared: bool = False, held: tuple[str, IO] | None = None) -> Iterator[str | None]:
     """Hold one of `devices` (the first free one, in order) for the block on behalf of `owner` (a run id,
     or "<study>/trial_<n>"), and yield it; while every one is held elsewhere, wait (calling on_wait once with
-    a holder) and take whichever frees first. Yields None when `stop` came first.
+    a holder) and take whichever frees first. Yields None when `stop` came first. `held`: a device and lock
+    file this process holds already (inherited_lock), used instead.
 
     The rule: a run holds its device alone. Tuning trials hold a GPU alone too, but share the CPU with
     each other (`shared`: the study's workers split its cores), and a run waiting for the CPU goes before
     trials that have not started yet."""
     devices = [devices] if isinstance(devices, str) else list(devices)
-    handles = []
+    handles = [held[1]] if held else []
     try:
-        for device in devices:
+        for device in devices if held is None else ():
             path = lock_path(device, root)
             path.parent.mkdir(parents=True, exist_ok=True)
             handles.append(open(path, "a+"))
-        waited, held = False, None
+        waited = False
         while held is None:
             for device, handle in zip(devices, handles):
                 if shared and waiting_run(device, root):
@@ -130,10 +155,7 @@ def device_lock(devices: str | list[str], owner: str, root: str | Path | None = 
         if waited and not shared:
             mark_waiting(devices, None, root)
         device, handle = held
-        handle.seek(0)
-        handle.truncate()
-        handle.write(owner)
-        handle.flush()
+        claim(handle, owner)
         try:
             yield device
         finally:
@@ -179,9 +201,27 @@ class StopRequest:
 
 def launch_training(config: TrainConfig, root: str | Path | None = None) -> Run:
     """Create a queued run and start its training in a detached process (its own session, so a closed
-    tab, a page switch or a Streamlit restart leaves it running). Output goes to the run's train.log."""
+    tab, a page switch or a Streamlit restart leaves it running). Output goes to the run's train.log.
+    The run takes the first of its devices that is free now, and its process inherits that lock: its
+    status's `device` says which from the start, and stays None while every one is busy (the process then
+    waits for one). ConfigError: no device here can train `config`; RunError: the saves folder, its runs/
+    or locks/ cannot be written."""
+    devices = training_devices(config)
+    check_saves(root, below=("runs", "locks"))
     run = create_run(config, root)
-    start_process(run, "--run-dir", root)
+    held = None
+    try:
+        held = take_device(devices, run.id, root)
+        if held is not None:
+            run.write_status(device=held[0])
+        start_process(run, "--run-dir", root, held)
+    except BaseException:
+        if run.status().get("pid") == os.getpid():     # no process took the run: leave no run behind
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+    finally:
+        if held is not None:
+            held[1].close()             # the process holds it now (or, if it did not start, nobody does)
     return run
 
 
@@ -195,17 +235,24 @@ def launch_resume(run: Run, root: str | Path | None = None) -> None:
     start_process(run, "--resume", root)
 
 
-def start_process(run: Run, how: str, root: str | Path | None) -> None:
-    process = spawn_detached(["train", how, str(run.path), "--saves", str(saves_root(root))], run.path / "train.log")
+def start_process(run: Run, how: str, root: str | Path | None, held: tuple[str, IO] | None = None) -> None:
+    """`train HOW RUN` detached; `held`: a device lock (take_device) the process inherits and keeps."""
+    args = ["train", how, str(run.path), "--saves", str(saves_root(root))]
+    fds = ()
+    if held is not None:
+        fds = (held[1].fileno(),)
+        args += ["--device-lock", f"{held[0]}:{fds[0]}"]
+    process = spawn_detached(args, run.path / "train.log", fds)
     run.write_status(pid=process.pid, pid_start=process_start_time(process.pid))
 
 
-def spawn_detached(args: list[str], log_path: Path) -> subprocess.Popen:
+def spawn_detached(args: list[str], log_path: Path, pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """`python -m lstm_core ARGS` in a session of its own (a closed tab, a page switch or a Streamlit
-    restart leaves it running), its output appended to log_path."""
+    restart leaves it running), its output appended to log_path; `pass_fds` stay open in it."""
     with open(log_path, "ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "lstm_core", *args], cwd=REPO, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   pass_fds=pass_fds)
     _CHILDREN.append(process)
     reap()
     return process

@@ -3,8 +3,10 @@ matrices, per-class metrics, overlays of several runs, the Draw page's reading o
 Optuna plots."""
 from __future__ import annotations
 
+import math
 import re
 
+import numpy
 import plotly
 import plotly.graph_objects as go
 from plotly.colors import get_colorscale, sample_colorscale
@@ -19,6 +21,81 @@ def epoch_at(record: dict) -> float:
     return (record["epoch"] - 1) + record["batch"] / record["batches"]
 
 
+# -- axes that read at a glance ----------------------------------------------------------------------
+# Plotly's own log ticks write 0.5 as "5" and 2e-5 as "20µ", and its automatic ticks on a second y axis
+# can land on 19% and 81%. These give every log and percent axis its ticks: each label the whole value,
+# at round steps, with the axis running from a tick to a tick so that at least two are always named.
+LOG_MANTISSAS = ((1, (1, 2, 3, 5, 7)), (3, (1, 2, 5)))    # (most decades spanned, ticks in each decade)
+MOST_LOG_TICKS = 7
+PERCENT_STEPS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def finite(values) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def number_text(value: float) -> str:
+    """A tick value written whole: 0.5, 20, 0.001, 2e-5, 1e6 (never "5" for 0.5, nor SI prefixes)."""
+    if 1e-3 <= value < 1e4:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
+def log_axis(values) -> dict:
+    """The settings of a log axis over the positive `values`: ticks at 1, 2, 3, 5 and 7 of a decade when
+    they span one, at 1, 2 and 5 when they span up to three, else at every decade (or every few), each
+    labelled with its whole value; the axis runs from the tick at or below the least value to the one at or
+    above the greatest."""
+    values = [v for v in finite(values) if v > 0]
+    if not values:
+        return {"type": "log"}
+    low, high = min(values), max(values)
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    decades = max(last - first, 1)
+    mantissas, every = next(((m, 1) for most, m in LOG_MANTISSAS if decades <= most),
+                            ((1,), math.ceil(decades / (MOST_LOG_TICKS - 1))))
+    first, last = every * math.floor(first / every), every * math.ceil(last / every)
+    # through the decimal text, so that a tick is exactly the number its label reads
+    ticks = [float(f"{m}e{k}") for k in range(first, last + 1, every) for m in mantissas]
+    below, above = max(t for t in ticks if t <= low), min(t for t in ticks if t >= high)
+    if below == above:                                      # a single value on a tick: the next tick up too
+        above = min(t for t in ticks if t > below)
+    ticks = [t for t in ticks if below <= t <= above]
+    pad = 0.02 * (math.log10(above) - math.log10(below))   # lines on the edge ticks are not cut in half
+    return {"type": "log", "tickmode": "array", "tickvals": ticks, "ticktext": [number_text(t) for t in ticks],
+            "range": [math.log10(below) - pad, math.log10(above) + pad]}
+
+
+def percent_axis(values, most: int = 6) -> dict:
+    """The settings of a percent axis over the fractions `values`: ticks at multiples of the smallest round
+    step (0.1%, 0.2%, 0.5%, 1%, ... 50%) that needs at most `most` of them, written with as many decimals
+    as the step needs; the axis runs from the tick at or below the least value to the one at or above the
+    greatest, a little wider so that markers on the edge are not cut."""
+    values = finite(values)
+    if not values:
+        return {"tickformat": ".0%"}
+    low, high = min(values), max(values)
+    for step in PERCENT_STEPS:
+        # the tiny slack keeps 0.3 (0.30000000000000004 / 0.1) on its own tick
+        first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+        if last - first < most:
+            break
+    last = max(last, first + 1)
+    ticks = [round(i * step, 6) for i in range(first, last + 1)]
+    decimals = 0 if step >= 0.01 else 1
+    pad = 0.03 * (ticks[-1] - ticks[0])
+    return {"tickmode": "array", "tickvals": ticks, "ticktext": [f"{t:.{decimals}%}" for t in ticks],
+            "range": [ticks[0] - pad, ticks[-1] + pad]}
+
+
+def legend_below() -> dict:
+    """A horizontal legend at the foot of the figure, placed against the whole figure rather than the plot
+    area: the plot area is then fitted above it, and a legend that wraps to several lines in a narrow column
+    pushes the plot up instead of covering the x axis's labels."""
+    return {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom", "x": 0, "xanchor": "left"}
+
+
 def curves_figure(epochs: list[dict], height: int = 340) -> go.Figure:
     """Train and validation loss (left) and accuracy (right) per epoch, sharing the epoch axis."""
     fig = make_subplots(rows=1, cols=2, shared_xaxes=True, subplot_titles=("loss", "accuracy"),
@@ -31,9 +108,10 @@ def curves_figure(epochs: list[dict], height: int = 340) -> go.Figure:
                                      hovertemplate=f"epoch %{{x}}<br>{name} {key} %{{y:{fmt}}}<extra></extra>"),
                           row=1, col=col)
     fig.update_xaxes(title_text="epoch", dtick=max(1, len(x) // 10) if x else 1, matches="x")
-    fig.update_yaxes(tickformat=".1%", row=1, col=2)
+    accuracies = [r.get(f"{split}_accuracy") for r in epochs for split in ("train", "val")]
+    fig.update_yaxes(**percent_axis(accuracies), row=1, col=2)
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 40, "b": 10}, hovermode="x unified",
-                      legend={"orientation": "h", "y": -0.25})
+                      legend=legend_below())
     return fig
 
 
@@ -48,19 +126,22 @@ def running_loss_figure(batches: list[dict], height: int = 260) -> go.Figure:
                              hovertemplate="epoch %{x:.2f}<br>accuracy %{y:.2%}<extra></extra>"), secondary_y=True)
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(title_text="loss", secondary_y=False)
-    fig.update_yaxes(title_text="accuracy", tickformat=".0%", secondary_y=True)
-    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      legend={"orientation": "h", "y": -0.3})
+    fig.update_yaxes(title_text="accuracy", secondary_y=True, showgrid=False,
+                     **percent_axis([r["accuracy"] for r in batches]))
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend=legend_below())
     return fig
 
 
-def gradient_figure(batches: list[dict], height: int = 300) -> go.Figure:
+def gradient_figure(batches: list[dict], height: int = 360) -> go.Figure:
     """Gradient health per `log_every`-batch window (train.GradientHealth): the total gradient norm before
     clipping (mean and max of the window) and each layer's, on a log axis, so a norm that falls by orders of
-    magnitude (vanishing) or jumps (exploding) shows; the share of steps that clipping cut, on the right."""
+    magnitude (vanishing) or jumps (exploding) shows; under it, on its own axis, the share of steps that
+    clipping cut (bars laid over the norms would hide them and crowd the axes)."""
     rows = [r for r in batches if "grad_norm" in r]
     x = [epoch_at(r) for r in rows]
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    clipped = any(r.get("clip_fraction") is not None for r in rows)
+    fig = make_subplots(rows=2 if clipped else 1, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        row_heights=[0.7, 0.3] if clipped else None)
     fig.add_trace(go.Scatter(x=x, y=[r["grad_norm"] for r in rows], name="total (mean)", line={"color": "#111111"},
                              hovertemplate="epoch %{x:.2f}<br>gradient norm %{y:.3g}<extra></extra>"))
     fig.add_trace(go.Scatter(x=x, y=[r["grad_norm_max"] for r in rows], name="total (max)",
@@ -71,23 +152,23 @@ def gradient_figure(batches: list[dict], height: int = 300) -> go.Figure:
         fig.add_trace(go.Scatter(x=x, y=[(r.get("layer_grad_norms") or {}).get(name) for r in rows], name=name,
                                  line={"width": 1.5},
                                  hovertemplate=f"epoch %{{x:.2f}}<br>{name} %{{y:.3g}}<extra></extra>"))
-    if any(r.get("clip_fraction") is not None for r in rows):
-        fig.add_trace(go.Bar(x=x, y=[r.get("clip_fraction") for r in rows], name="clipped steps", opacity=0.25,
+    norms = [trace.y for trace in fig.data]
+    if clipped:
+        fig.add_trace(go.Bar(x=x, y=[r.get("clip_fraction") for r in rows], name="clipped steps", opacity=0.6,
                              marker={"color": VAL},
                              hovertemplate="epoch %{x:.2f}<br>clipped %{y:.0%} of steps<extra></extra>"),
-                      secondary_y=True)
-        fig.update_yaxes(title_text="clipped", tickformat=".0%", range=[0, 1], dtick=0.25, secondary_y=True,
-                         showgrid=False)
+                      row=2, col=1)
+        fig.update_yaxes(title_text="clipped", row=2, col=1, **percent_axis([0, 1], most=3))
     bad = [(xi, r["nonfinite_steps"]) for xi, r in zip(x, rows) if r.get("nonfinite_steps")]
     if bad:
         fig.add_trace(go.Scatter(x=[b[0] for b in bad], y=[None] * len(bad), mode="markers", name="non-finite",
                                  marker={"color": "red", "symbol": "x", "size": 10}, showlegend=True))
         for xi, _ in bad:
             fig.add_vline(x=xi, line={"color": "red", "width": 1, "dash": "dot"})
-    # no axis title under it: in a narrow column its five-entry legend would sit on it (the hover names the epoch)
-    fig.update_yaxes(title_text="gradient norm", type="log", dtick="D2", secondary_y=False)   # 1, 2, 5 a decade
-    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, barmode="overlay",
-                      legend={"orientation": "h", "y": -0.12, "yanchor": "top"})
+    fig.update_yaxes(title_text="gradient norm", row=1, col=1, **log_axis(v for y in norms for v in y))
+    fig.update_xaxes(title_text="epoch", row=2 if clipped else 1, col=1)
+    # taller than the others: in a narrow column its five or six legend entries take a line each
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend=legend_below())
     return fig
 
 
@@ -117,9 +198,8 @@ def step_gradient_figure(batches: list[dict], sequence_steps: int, lines: int = 
         fig.add_annotation(text="no gradient at all reaches the missing steps (it underflows to 0)", showarrow=False,
                            xref="paper", yref="paper", x=0, y=1.08, xanchor="left", font={"size": 11, "color": "red"})
     fig.update_xaxes(title_text="time step", range=[0.5, sequence_steps + 0.5])
-    fig.update_yaxes(title_text="gradient at the step", type="log", dtick="D2")
-    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      legend={"orientation": "h", "y": -0.3, "yanchor": "top"})
+    fig.update_yaxes(title_text="gradient at the step", **log_axis(v for trace in fig.data for v in trace.y))
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend=legend_below())
     return fig
 
 
@@ -148,8 +228,9 @@ def overlay_figure(runs: dict[str, list[dict]], metric: str = "val_accuracy", he
                                  mode="lines+markers", name=name))
     longest = max((len(epochs) for epochs in runs.values()), default=1)
     fig.update_xaxes(title_text="epoch", tick0=1, dtick=max(1, longest // 10))     # whole epochs only
-    fig.update_yaxes(title_text=metric.replace("_", " "), tickformat=".2%" if "accuracy" in metric or "error" in metric
-                     else None)
+    percent = "accuracy" in metric or "error" in metric
+    values = [r.get(metric) for epochs in runs.values() for r in epochs]
+    fig.update_yaxes(title_text=metric.replace("_", " "), **(percent_axis(values) if percent else {}))
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, hovermode="x unified")
     return fig
 
@@ -161,10 +242,11 @@ def per_class_figure(per_class: list[dict], height: int = 320) -> go.Figure:
         fig.add_trace(go.Bar(x=[str(c["digit"]) for c in per_class], y=[c[key] for c in per_class], name=key,
                              marker_color=color, hovertemplate=f"digit %{{x}}<br>{key} %{{y:.2%}}<extra></extra>"))
     low = min((c[k] for c in per_class for k in ("precision", "recall", "f1")), default=0.0)
-    fig.update_yaxes(range=[max(0.0, low - 0.02), 1.0], tickformat=".0%")
+    # the lowest bar a little above the axis's foot, so that it shows
+    fig.update_yaxes(**percent_axis([max(0.0, low - 0.02), 1.0]))
     fig.update_xaxes(title_text="digit", type="category")
     fig.update_layout(barmode="group", height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10},
-                      legend={"orientation": "h", "y": -0.25})
+                      legend=legend_below())
     return fig
 
 
@@ -297,7 +379,25 @@ def study_figure(study, kind: str, target: str, params: list[str] | None = None,
         fig = ov.plot_contour(study, params=params, target_name=target)
     else:
         fig = getattr(ov, STUDY_PLOTS[kind])(study, target_name=target)
-    return fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+    return whole_log_ticks(fig).update_layout(height=height, margin={"l": 10, "r": 10, "t": 50, "b": 10})
+
+
+def whole_log_ticks(fig: go.Figure) -> go.Figure:
+    """Optuna's log axes (a log-scale parameter, such as lr, in the contour and slice plots) with log_axis's
+    ticks in place of plotly's "0.001, 2, 3, ... 0.01": within the range Optuna gave the axis, where it gave
+    one (the contour's colours fill it), else around the values plotted on it."""
+    for key in list(fig.layout.to_plotly_json()):
+        if not re.fullmatch(r"[xy]axis\d*", key) or fig.layout[key].type != "log":
+            continue
+        letter, anchor = key[0], key[0] + key[5:]           # yaxis2 -> the traces on "y2"
+        axis = fig.layout[key]
+        if axis.range:
+            settings = {k: v for k, v in log_axis([10 ** end for end in axis.range]).items() if k != "range"}
+        else:
+            settings = log_axis(v for trace in fig.data if (getattr(trace, f"{letter}axis") or letter) == anchor
+                                for v in getattr(trace, letter) or ())
+        axis.update(settings)
+    return fig
 
 
 def pruned_marked(fig: go.Figure, study, target: str) -> go.Figure:
@@ -310,5 +410,5 @@ def pruned_marked(fig: go.Figure, study, target: str) -> go.Figure:
         fig.add_trace(go.Scatter(x=[e[0] for e in ends], y=[e[1] for e in ends], text=[e[2] for e in ends],
                                  mode="markers", name="pruned", marker={"symbol": "x", "size": 11, "color": "#d62728"},
                                  hovertemplate="%{text} pruned at epoch %{x}<extra></extra>"))
-    fig.update_layout(showlegend=bool(ends), legend={"orientation": "h", "y": -0.2})
+    fig.update_layout(showlegend=bool(ends), legend=legend_below())
     return fig.update_xaxes(title_text="epoch", dtick=1).update_yaxes(title_text=target)

@@ -6,6 +6,7 @@ eval.json, curves.svg and TensorBoard's event files (board.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -16,7 +17,8 @@ from . import board
 from .checkpoints import atomic_torch_save, checkpoint_dict, on_cpu
 from .devices import environment
 from .plotfile import curves_svg
-from .runs import Run, append_jsonl, atomic_write_bytes, atomic_write_json, process_start_time, repair_jsonl
+from .runs import (Run, append_jsonl, atomic_write_bytes, atomic_write_json, os_error_text, process_start_time,
+                   repair_jsonl)
 from .train import Callback, FitState, History
 
 PROGRESS_SECONDS = 1.0      # the most often a run writes its progress (metrics lines and status heartbeat)
@@ -24,7 +26,8 @@ PROGRESS_SECONDS = 1.0      # the most often a run writes its progress (metrics 
 
 class RunRecorder(Callback):
     """Writes every event of `fit` into a run directory: status, metrics.jsonl, checkpoints, eval,
-    plot. The state reaches `running`, then `completed`, `cancelled` or `failed`."""
+    plot. The state reaches `running`, then `completed`, `cancelled` or `failed`; a file that cannot be
+    written (a full disk) fails the run, its status saying which file, why, and what last.pt still holds."""
 
     def __init__(self, run: Run, progress_seconds: float = PROGRESS_SECONDS):
         self.run = run
@@ -32,6 +35,7 @@ class RunRecorder(Callback):
         self.progress_seconds = progress_seconds
         self.pending: list[dict] = []        # progress records not written yet
         self.written_at = -math.inf
+        self.checkpointed = 0                # the epoch last.pt ends at: where a resume would go on from
 
     def heartbeat(self, **changes: Any) -> None:
         self.run.write_status(heartbeat_at=time.time(), **changes)
@@ -43,6 +47,7 @@ class RunRecorder(Callback):
             self.pending.clear()
 
     def on_run_start(self, state: FitState) -> None:
+        self.checkpointed = state.epoch
         repair_jsonl(self.run.metrics_path)       # a resumed run's log may end in a line torn by the kill
         atomic_write_json(self.run.environment_path, environment(state.device))   # a resume records its own
         pid = os.getpid()
@@ -75,6 +80,7 @@ class RunRecorder(Callback):
         if state.improved:
             atomic_torch_save({**ckpt, "optimizer": None, "scheduler": None}, self.run.best_path)
         atomic_torch_save(ckpt, self.run.last_path)
+        self.checkpointed = state.epoch
         self.flush()
         append_jsonl(self.run.metrics_path, record)
         self.heartbeat()
@@ -99,7 +105,7 @@ class RunRecorder(Callback):
             "macro_precision": test.get("macro_precision"), "macro_recall": test.get("macro_recall"),
             "macro_f1": test.get("macro_f1"), "per_class": test.get("per_class"),
             "confusion_matrix": test.get("confusion_matrix"), "misclassified": test.get("misclassified"),
-            "best_epoch": history.best_epoch, "best_val_loss": finite(history.best_val_loss),
+            "best_epoch": history.best_epoch, "best_val_loss": history.best_val_loss,
             "best_val_accuracy": history.best_val_accuracy, "stopped": history.stopped,
             "train_seconds": history.train_seconds, "n_test": test.get("n")})
         atomic_write_bytes(self.run.plot_path, curves_svg(history.epochs, title=f"run {self.run.id}").encode())
@@ -109,13 +115,20 @@ class RunRecorder(Callback):
         self.heartbeat(state="cancelled" if history.stopped == "cancelled" else "completed", ended_at=time.time())
 
     def on_exception(self, state: FitState, exc: BaseException) -> None:
-        self.flush()
+        with contextlib.suppress(OSError):      # the disk that failed the run may refuse these lines too
+            self.flush()
         if self.board:
             self.board.on_exception(state, exc)
         cancelled = isinstance(exc, KeyboardInterrupt)
         self.heartbeat(state="cancelled" if cancelled else "failed", ended_at=time.time(),
-                       error=None if cancelled else f"{type(exc).__name__}: {exc}")
+                       error=None if cancelled else self.failure(exc))
 
-
-def finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
+    def failure(self, exc: BaseException) -> str:
+        """What ended the run, in one line: for a file that could not be written, which file, why, and the
+        checkpoint that survives ("no space left on device writing .../last.pt; the run is stopped with its
+        last complete checkpoint at epoch 3")."""
+        if not isinstance(exc, OSError):
+            return f"{type(exc).__name__}: {exc}"
+        kept = (f"its last complete checkpoint at epoch {self.checkpointed}" if self.checkpointed
+                else "no complete checkpoint (it had not finished an epoch)")
+        return f"{os_error_text(exc)}; the run is stopped with {kept}"

@@ -11,10 +11,13 @@ and checkpoints.py reads the .pt files back.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import re
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, from_dict
+from .config import ConfigError, TrainConfig, from_dict
 
 LIVE_STATES = ("queued", "running")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -39,25 +42,44 @@ def saves_root(root: str | Path | None = None) -> Path:
     return Path(chosen).expanduser().resolve()
 
 
-def check_saves(root: str | Path | None = None, write: bool = True) -> Path:
-    """The saves root, refused with one RunError naming the path and the problem when it is a file, or
-    (`write`) when this process cannot create files in it. Commands call it before anything starts."""
+SAVES_FOLDERS = ("runs", "studies", "locks")   # what the saves root keeps: runs, tuning studies, device locks
+
+
+def check_saves(root: str | Path | None = None, write: bool = True, below: tuple[str, ...] = SAVES_FOLDERS) -> Path:
+    """The saves root, refused with one RunError naming the folder and the problem when it, or one of the
+    folders `below` it that a command uses, is a file, or (`write`) when this process cannot create files
+    in it. Commands call it before anything starts."""
     path = saves_root(root)
     if path.exists() and not path.is_dir():
         raise RunError(f"the saves folder {path} is a file, not a folder: point --saves (or $LSTM_SAVES) at a folder")
+    for folder in (path / name for name in below):
+        if folder.exists() and not folder.is_dir():
+            raise RunError(f"{folder} is a file, not a folder: the saves folder {path} keeps its {folder.name} "
+                           "there; move the file away, or choose another saves folder with --saves")
     if not write:
         return path
     try:
         path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe-")
+    except OSError as exc:
+        raise RunError(f"cannot write to the saves folder {path}: {exc.strerror or type(exc).__name__}"
+                       ": choose another with --saves (or $LSTM_SAVES)") from None
+    check_writable(path, "choose another with --saves (or $LSTM_SAVES)", "the saves folder ")
+    for folder in (path / name for name in below):
+        if folder.is_dir():        # a missing one is made in the saves root, which was just tried
+            check_writable(folder, "make it writable, or choose another saves folder with --saves")
+    return path
+
+
+def check_writable(folder: Path, remedy: str, what: str = "") -> None:
+    """Refuse, with one RunError naming `folder`, the cause and the `remedy`, a folder this process cannot
+    create files in (read-only, full, or not a folder)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise RunError(f"cannot write to the saves folder {path}: {reason}"
-                       f"{' (' + str(exc.filename) + ')' if exc.filename and str(exc.filename) != str(path) else ''}"
-                       ": choose another with --saves (or $LSTM_SAVES)") from None
-    return path
+        raise RunError(f"cannot write to {what}{folder}: {reason}: {remedy}") from None
 
 
 def safe_name(name: str, what: str = "run id") -> str:
@@ -81,31 +103,111 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-# -- atomic files ------------------------------------------------------------------------------
+# -- writing files -----------------------------------------------------------------------------
+class WriteError(OSError):
+    """A file the project writes could not be written (a full disk, a read-only folder); str() is one line
+    naming the file and the cause: "no space left on device writing saves/runs/<id>/last.pt"."""
+
+    def __str__(self) -> str:
+        reason = self.strerror or "cannot write"
+        return f"{reason[:1].lower()}{reason[1:]} writing {self.filename}"
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError in one line for a person: a WriteError's words, else the cause and the path."""
+    if isinstance(exc, WriteError):
+        return str(exc)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    reason = reason[:1].lower() + reason[1:]
+    return f"{reason}: {exc.filename}" if exc.filename else reason
+
+
+def write_error(exc: OSError, path: Path) -> WriteError:
+    """`exc` as a WriteError naming `path`: the OS names no file when a write() on an open file fails."""
+    return WriteError(exc.errno, exc.strerror or str(exc), str(path))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`: readers see the
-    old file or the new one, never a torn one."""
+    old file or the new one, never a torn one. WriteError when it cannot be written."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise write_error(exc, path) from None
         raise
 
 
+def strict_json(value: Any) -> Any:
+    """`value` as strict JSON holds it: a non-finite float (a loss before any epoch: inf) as None, since
+    JSON has no NaN or Infinity and strict parsers (JavaScript's, jq's) refuse the file; numpy and torch
+    scalars as floats."""
+    if isinstance(value, dict):
+        return {key: strict_json(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
+    return strict_json(float(value))
+
+
+def to_json(data: Any, **options: Any) -> str:
+    """json.dumps of strict_json(data): what every JSON file and line the project writes holds."""
+    return json.dumps(strict_json(data), allow_nan=False, **options)
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, default=float) + "\n").encode())
+    atomic_write_bytes(path, (to_json(data, indent=2) + "\n").encode())
 
 
 def append_jsonl(path: Path, *records: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(record, default=float) + "\n" for record in records))
-        f.flush()
+    """Append one JSON line per record. A failed write (a full disk) is cut off again, so that the file never
+    ends in a torn line; WriteError says which file and why."""
+    data = memoryview("".join(to_json(record) + "\n" for record in records).encode())
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise write_error(exc, path) from None
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, size)      # what a short write left of the line goes, and gives its space back
+            raise
+    except OSError as exc:
+        raise write_error(exc, path) from None
+    finally:
+        os.close(fd)
+
+
+def overwrite(path: Path, data: bytes) -> None:
+    """Rewrite a small existing file in place, within the disk blocks it already has: what still works on a
+    full disk, where atomic_write_bytes needs room for a second copy. A reader may see it half-written."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.ftruncate(fd, len(data))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise write_error(exc, path) from None
 
 
 def repair_jsonl(path: Path) -> None:
@@ -155,6 +257,36 @@ def read_json(path: Path, default: Any = None) -> Any:
 def read_json_object(path: Path) -> dict:
     value = read_json(path, {})
     return value if isinstance(value, dict) else {}
+
+
+def json_problem(path: Path) -> tuple[Any, str | None]:
+    """A JSON file's value and None, or None and why it cannot be read, in a few words that start with the
+    file's name: "config.json: not JSON (line 1 column 7)"."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes()), None
+    except FileNotFoundError:
+        return None, f"{path.name}: missing"
+    except OSError as exc:
+        return None, f"{path.name}: {exc.strerror or type(exc).__name__}"
+    except UnicodeDecodeError:
+        return None, f"{path.name}: not text"
+    except json.JSONDecodeError as exc:
+        return None, f"{path.name}: not JSON (line {exc.lineno} column {exc.colno})"
+    except RecursionError:
+        return None, f"{path.name}: nested too deeply"
+
+
+def read_config(path: Path) -> tuple[TrainConfig | None, str | None]:
+    """A run's config.json as a TrainConfig and None, or None and why it is not one (json_problem's words)."""
+    path = Path(path)
+    data, problem = json_problem(path)
+    if problem:
+        return None, problem
+    try:
+        return from_dict(data), None
+    except ConfigError as exc:
+        return None, f"{path.name}: {exc}"
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -240,10 +372,20 @@ class Run:
     environment_path = property(lambda self: self.path / "environment.json")
 
     def config(self) -> TrainConfig:
-        data = read_json(self.config_path)
-        if data is None:
-            raise RunError(f"{self.path} has no readable config.json")
-        return from_dict(data)
+        config, problem = read_config(self.config_path)
+        if problem:
+            raise RunError(f"run {self.id} is damaged: {problem}")
+        return config
+
+    def damage(self) -> str | None:
+        """Why this run folder cannot be used as a run, for a person ("config.json: not JSON (line 1 column
+        7)"), or None when its config and status read back."""
+        problem = read_config(self.config_path)[1]
+        if problem is None and self.status_path.exists():
+            status, problem = json_problem(self.status_path)
+            if problem is None and not isinstance(status, dict):
+                problem = "status.json: not a JSON object"
+        return problem
 
     def metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_path)
@@ -273,7 +415,14 @@ class Run:
 
     def write_status(self, **changes: Any) -> dict:
         status = {**read_json_object(self.status_path), **changes}
-        atomic_write_json(self.status_path, status)
+        try:
+            atomic_write_json(self.status_path, status)
+        except WriteError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self.status_path.is_file():
+                raise
+            # a full disk: the state must still say what happened to the run (failed, and why), and the old
+            # file's blocks hold the new one
+            overwrite(self.status_path, (to_json(status, indent=2) + "\n").encode())
         return status
 
 
@@ -286,17 +435,23 @@ def create_run(config: TrainConfig, root: str | Path | None = None, path: str | 
         path = base / new_run_id()
     run = Run(Path(path))
     run.path.mkdir(parents=True, exist_ok=False)
-    atomic_write_json(run.config_path, config.to_dict())
-    pid = os.getpid()
-    run.write_status(state=state, pid=pid, pid_start=process_start_time(pid), host=socket.gethostname(),
-                     created_at=time.time(), started_at=None, ended_at=None, heartbeat_at=time.time(),
-                     device=None, error=None)
+    try:
+        atomic_write_json(run.config_path, config.to_dict())
+        pid = os.getpid()
+        run.write_status(state=state, pid=pid, pid_start=process_start_time(pid), host=socket.gethostname(),
+                         created_at=time.time(), started_at=None, ended_at=None, heartbeat_at=time.time(),
+                         device=None, error=None)
+    except BaseException:
+        shutil.rmtree(run.path, ignore_errors=True)     # not a half-made run for the lists to show
+        raise
     return run
 
 
 def open_run(run_id: str, root: str | Path | None = None) -> Run:
     """A run by id, inside the saves root's runs/ (an id with '/' or '..' is refused)."""
     run = Run(runs_dir(root) / safe_name(str(run_id)))
+    if run.path.exists() and not run.path.is_dir():
+        raise RunError(f"{run.path} is a file, not a run folder")
     if not run.config_path.exists():
         raise RunError(f"no run {str(run_id)!r} in {runs_dir(root)}")
     return run
@@ -339,9 +494,10 @@ def list_models(root: str | Path | None = None) -> list[dict]:
     """Every run and tuning trial with a usable best.pt (finished, or stopped by the user), best
     validation accuracy first: what the Draw page can predict with."""
     rows = [{**r, "kind": "run"} for r in list_runs(root)] + list_trials(root)
-    # a cancelled run counts once it has finished an epoch (before that its weights are barely trained)
+    # a cancelled run counts once it has finished an epoch (before that its weights are barely trained); a
+    # damaged run's weights may load, but nothing it shows about them can be trusted
     usable = [r for r in rows if (r["state"] == "completed" or (r["state"] == "cancelled" and r["epochs_done"]))
-              and (Path(r["path"]) / "best.pt").exists()]
+              and not r["damaged"] and (Path(r["path"]) / "best.pt").exists()]
     return sorted(usable, key=lambda r: -(r["best_val_accuracy"] or 0.0))
 
 
@@ -352,7 +508,10 @@ def format_seconds(s: float) -> str:
 
 
 def describe_model(row: dict) -> str:
-    """A run's model in a few words: "LSTM 1x128, rows", "BiLSTM 2x128, rows", "CNN"."""
+    """A run's model in a few words: "LSTM 1x128, rows", "BiLSTM 2x128, rows", "CNN"; for a damaged run, why
+    there is none to describe: "damaged: config.json: not JSON (line 1 column 7)"."""
+    if row.get("damaged"):
+        return f"damaged: {row['damaged']}"
     if row.get("arch") == "cnn":
         return "CNN"
     kind = "BiLSTM" if row.get("bidirectional") else "LSTM"
@@ -360,8 +519,11 @@ def describe_model(row: dict) -> str:
 
 
 def summarize(run: Run) -> dict:
+    """A run's row in list_runs; `damaged` says why its folder cannot be used (Run.damage), its config's
+    columns then None rather than whatever the broken file holds."""
     status = run.status()
-    cfg = read_json_object(run.config_path)
+    damaged = run.damage()
+    cfg = {} if damaged else read_json_object(run.config_path)
     epochs = run.epochs()
     evaluation = read_json_object(run.eval_path)
     started, ended = status.get("started_at"), status.get("ended_at") or status.get("heartbeat_at")
@@ -375,5 +537,5 @@ def summarize(run: Run) -> dict:
                                  default=None),
         "test_accuracy": evaluation.get("test_accuracy"), "macro_f1": evaluation.get("macro_f1"),
         "duration_s": (ended - started) if started and ended else None,
-        "device": status.get("device"), "created_at": status.get("created_at"),
+        "device": status.get("device"), "created_at": status.get("created_at"), "damaged": damaged,
     }

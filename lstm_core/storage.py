@@ -3,13 +3,16 @@ The tuning code (tune.py), the Tuning page and `make dashboard` (dashboard.py, w
 moment rather than after importing torch) all open storages here.
 
     url = default_storage()                      # sqlite:///SAVES/optuna.db
-    storage = make_storage("journal:/shared/studies/lstm.log")
+    storage = make_storage("journal:/shared/studies/lstm.log")   # ConfigError: a damaged journal, ...
     check_writable(storage, url)                 # ConfigError: one line naming the file or URL
+    backup = repair_journal(url)                 # a journal's torn last line cut, the file kept in backup
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +45,7 @@ def make_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorag
     if journal is not None:
         if not journal.parent.is_dir():
             raise ConfigError(f"cannot open the study storage {url!r}: the folder {journal.parent} does not exist")
+        check_journal(journal, url)
         from optuna.storages.journal import JournalFileBackend
         return optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
     kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}} if url.startswith("sqlite:") else {}
@@ -97,9 +101,17 @@ def check_writable(storage: optuna.storages.BaseStorage, url: str) -> None:
     there would fail in its first trial with a misleading error."""
     journal = journal_path(url)
     if journal is not None:
-        if not os.access(journal if journal.exists() else journal.parent, os.W_OK):
-            raise ConfigError(f"cannot write the study storage file {journal}: permission denied (check the "
-                              "permissions of the file and its folder)")
+        # What a write does, tried rather than asked of os.access (which says yes to root whatever the
+        # permissions): open the file to append, and make its lock, a symlink, beside it.
+        try:
+            with open(journal, "ab"):
+                pass
+            probe = journal.with_name(f"{journal.name}.{os.getpid()}.probe")
+            os.symlink(journal.name, probe)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the study storage file {journal}: {exc.strerror or exc} (check "
+                              "the permissions of the file and its folder)") from None
         return
     engine = getattr(storage, "engine", None)
     if engine is None:
@@ -114,3 +126,115 @@ def check_writable(storage: optuna.storages.BaseStorage, url: str) -> None:
         where = f"file {path}" if path else repr(url)
         raise ConfigError(f"cannot write the study storage {where}: {reason} (check the permissions of the "
                           f"{'file and its folder' if path else 'database user'})") from None
+
+
+# -- journal files ---------------------------------------------------------------------------------
+# Optuna's journal is one JSON object per line, each opening with its op_code. Optuna reads a damaged file
+# wrongly rather than refusing it: a line of garbage at the end is skipped and the next write appended
+# after it, and a torn last line (a writer killed, or a disk full, mid-write) is glued to the next record
+# written, which then breaks the whole file. So every opener checks the file first and leaves it as it is.
+RECORD_START = b'{"op_code":'
+TORN_RECHECK_SECONDS = 0.2      # a record being appended can look torn for a moment: look once more
+
+
+def check_journal(path: Path, url: str) -> None:
+    """Refuse, with one line saying what to do, a journal:PATH file that is a folder, holds something other
+    than Optuna's journal records, or ends in a torn line (repair_journal cuts that one)."""
+    if path.is_dir():
+        raise ConfigError(f"cannot open the study storage {url!r}: {path} is a folder, not a journal file (name a "
+                          f"file in it, e.g. {JOURNAL}{path / 'studies.log'})")
+    number, offset, damage = scan_journal(path)
+    if damage == "torn":
+        time.sleep(TORN_RECHECK_SECONDS)
+        number, offset, damage = scan_journal(path, offset, number)
+    if damage:
+        raise journal_refusal(url, path, number, damage)
+
+
+def journal_refusal(url: str, path: Path, number: int, damage: str) -> ConfigError:
+    if damage == "torn":
+        return ConfigError(f"cannot open the study storage {url!r}: its last line (line {number}) is cut short, as "
+                           "a writer killed mid-write leaves it: add --repair-journal to `python -m lstm_core tune` "
+                           "or to the dashboard to cut that line (the file is copied to a .bak beside it first)")
+    return ConfigError(f"cannot open the study storage {url!r}: line {number} of {path} is not an Optuna journal "
+                       "record, so the file is not a study journal or is damaged beyond a torn last line; it was "
+                       "left as it is: name another file, or restore this one from a backup")
+
+
+def scan_journal(path: Path, offset: int = 0, number: int = 1) -> tuple[int, int, str | None]:
+    """Read a journal file from byte `offset` (line `number`): (the number and offset of its first bad line,
+    or of its end, and None, "torn" or "garbage"). A missing file is an empty journal."""
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            for line in file:
+                if not line.endswith(b"\n"):
+                    fragment = line.strip()   # torn: the start of a record, or a record's first bytes
+                    torn = fragment and fragment[:len(RECORD_START)] == RECORD_START[:len(fragment)]
+                    return number, offset, "torn" if torn else "garbage"
+                if not journal_record(line):
+                    return number, offset, "garbage"
+                number, offset = number + 1, offset + len(line)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read the study storage file {path}: {exc.strerror or exc}") from None
+    return number, offset, None
+
+
+def journal_record(line: bytes) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:          # not JSON, or not UTF-8
+        return False
+    return isinstance(record, dict) and isinstance(record.get("op_code"), int)
+
+
+REPAIRED = "cut the torn last line of {journal}; the file as it was is kept in {backup}"   # what the CLIs say
+
+
+def repair_journal(url: str) -> Path | None:
+    """Cut the torn last line of a journal:PATH storage's file, after copying the whole file to PATH.bak
+    (PATH.bak.1, ... when taken); the copy's path, or None when there is nothing to cut. A file that is not a
+    journal is refused (ConfigError), never cut. Holds Optuna's own lock on the file meanwhile, so that no
+    worker appends while it is cut (a lock a killed writer left is broken after Optuna's grace period)."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    path = journal_path(url)
+    if path is None:
+        raise ConfigError(f"--repair-journal repairs journal:PATH storages, not {url!r}")
+    if not path.is_file():
+        return None                 # nothing to cut: opening it says what is wrong, if anything
+    lock = JournalFileSymlinkLock(str(path))
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise ConfigError(f"cannot repair the study storage file {path}: cannot lock it: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        number, offset, damage = scan_journal(path)
+        if damage is None:
+            return None
+        if damage == "garbage":
+            raise journal_refusal(url, path, number, damage)
+        backup = free_name(path.with_name(path.name + ".bak"))
+        try:
+            shutil.copyfile(path, backup)
+            with open(backup, "rb+") as copy:
+                os.fsync(copy.fileno())     # the copy is on disk before anything is cut from the original
+        except OSError as exc:
+            backup.unlink(missing_ok=True)
+            raise ConfigError(f"cannot repair the study storage file {path}: cannot write its copy {backup}: "
+                              f"{exc.strerror or exc}; the file was left as it is") from None
+        os.truncate(path, offset)
+        return backup
+    finally:
+        lock.release()
+
+
+def free_name(path: Path) -> Path:
+    """`path`, or the first of path.1, path.2, ... that does not exist: a backup never replaces another."""
+    number = 0
+    while (candidate := path if number == 0 else path.with_name(f"{path.name}.{number}")).exists():
+        number += 1
+    return candidate

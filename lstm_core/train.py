@@ -186,8 +186,17 @@ def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter],
         kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
         return kind(params, config.lr, weight_decay=config.weight_decay, **fused)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               nesterov=config.momentum > 0, **fused)
+        sgd = torch.optim.SGD(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                              nesterov=config.momentum > 0, **fused)
+        if config.momentum:
+            # fused SGD makes its momentum buffers with empty_like on its first step and fills them in the
+            # kernel, which skips a step that overflowed under loss scaling: they would keep whatever memory
+            # was there. Zeros from the start give the same first step (buf = grad: no dampening) and stay
+            # zeros when it is skipped
+            for group in sgd.param_groups:
+                for p in group["params"]:
+                    sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sgd
     return torch.optim.RMSprop(params, config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
@@ -320,13 +329,16 @@ def train_epoch(state: FitState, splits: Splits, emit: Callable, stop: Any) -> d
         seen += len(idx)
         state.batch += 1
         if state.batch % config.log_every == 0 or state.batch == state.steps_per_epoch:
+            window_loss, window_correct = loss_sum.item(), correct.item()   # waits for the window's batches
             now = time.perf_counter()
-            window_loss, window_correct = loss_sum.item(), correct.item()
             epoch_loss, epoch_correct = epoch_loss + window_loss, epoch_correct + window_correct
             emit("on_batch", batch_record(state, window_loss / seen, window_correct / seen,
                                           seen / max(now - window_start, 1e-9)))
             loss_sum.zero_(), correct.zero_()
-            seen, window_start = 0, now
+            # the next window starts after the record: samples/s times training alone, not the record's
+            # gradient-over-time probe (a backward through every time step, without cuDNN on a GPU) nor what
+            # the callbacks write
+            seen, window_start = 0, time.perf_counter()
     return {"loss": epoch_loss / state.n_train, "accuracy": epoch_correct / state.n_train}
 
 
@@ -346,11 +358,39 @@ def train_step(state: FitState, splits: Splits, idx: torch.Tensor) -> tuple[torc
     norm = state.gradients.measure(config.grad_clip)
     if config.grad_clip:
         torch.nn.utils.clip_grads_with_norm_(state.gradients.params, config.grad_clip, norm)
-    scaler.step(optimizer)
+    if scaler.is_enabled() and not optimizer.defaults.get("fused"):
+        # GradScaler skips an overflowed step of an optimizer without a fused step (RMSprop) by reading
+        # found_inf on the host, a sync every step: skip it on the device instead. found_inf is set when an
+        # unscaled gradient is not finite, and then neither is their norm (which also skips the rare step
+        # of finite gradients whose norm overflows fp32)
+        step_if_finite(optimizer, torch.isfinite(norm))
+    else:
+        scaler.step(optimizer)                        # a fused step reads found_inf on the device
     scaler.update()
     if config.scheduler in PER_BATCH_SCHEDULERS:
         state.scheduler.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """optimizer.step(), undone on the device where `finite` (a bool tensor) is False, so that the host never
+    waits to learn which: the parameters and their state buffers (RMSprop's square and gradient averages and
+    momentum) get back their values from before the step; buffers the step created, on the first step, go
+    back to the zeros RMSprop starts them at. RMSprop's step count still counts the step: its update does
+    not read it."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+    def tensors() -> list[torch.Tensor]:
+        return [t for p in params for t in (p, *optimizer.state[p].values())
+                if isinstance(t, torch.Tensor) and t.shape == p.shape]
+
+    before = {id(t): t.detach().clone() for t in tensors()}
+    optimizer.step()
+    with torch.no_grad():
+        for t in tensors():
+            old = before.get(id(t))
+            torch.where(finite, t, old if old is not None else torch.zeros((), dtype=t.dtype, device=t.device),
+                        out=t)
 
 
 def reseed_cudnn_dropout(device: torch.device) -> None:

@@ -12,6 +12,7 @@ app, a command's extra workers, stopping them) are jobs.py's.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -22,11 +23,11 @@ from typing import Any, Callable
 
 import optuna
 
-from .config import CHOICES, FIELD_TYPES, ConfigError, TrainConfig, from_dict, read_mapping
+from .config import CHOICES, FIELD_TYPES, LSTM_ONLY, ConfigError, TrainConfig, from_dict, read_mapping
 from .jobs import StopRequest, device_lock, training_devices
 from .recorder import RunRecorder
 from .runs import create_run, safe_name, study_dir
-from .storage import default_storage, make_storage
+from .storage import check_writable, default_storage, make_storage
 from .train import Callback, fit
 
 # Every TrainConfig field a study can search, with the range the Tuning page first offers for it. Left out:
@@ -75,7 +76,8 @@ def check_space(space: Any, base: TrainConfig | None = None) -> dict[str, dict[s
     """A search space (param -> spec) checked up front against TrainConfig's own rules, with one clear
     message for the first problem: known fields, well-formed ranges (a positive step no larger than the
     range, log ranges above zero), and, given the fixed `base` config, every choice and both ends of every
-    range a valid config. What passes here cannot make every trial fail."""
+    range a valid config; and no LSTM-only field searched for trials that train a CNN, which would ignore it
+    while the trials recorded it. What passes here cannot make every trial fail."""
     if not isinstance(space, dict) or not space:
         raise SpaceError("a search space must be a non-empty mapping of config fields to ranges")
     for name, spec in space.items():
@@ -99,6 +101,12 @@ def check_space(space: Any, base: TrainConfig | None = None) -> dict[str, dict[s
                     base.replace(**{name: value})
                 except ConfigError as exc:
                     raise SpaceError(f"search space: with {name} = {value!r}: {exc}") from None
+    cnn = (base is not None and base.arch == "cnn") or "cnn" in (space.get("arch") or {}).get("choices", ())
+    ignored = [name for name in space if name in LSTM_ONLY]
+    if cnn and ignored:
+        raise SpaceError(f"search space: {', '.join(ignored)} only apply to LSTMs, and the trials would train a CNN "
+                         "(arch cnn), which ignores them while its trials record them: drop them from the space, "
+                         "or train an LSTM (arch lstm, or an LSTM preset)")
     return space
 
 
@@ -263,9 +271,13 @@ class FailureStreak:
             study.stop()
 
 
-def open_study(name: str, storage: str, sampler: str = "tpe", pruner: str = "median",
+def open_study(name: str, storage: str | optuna.storages.BaseStorage, sampler: str = "tpe", pruner: str = "median",
                seed: int | None = None) -> optuna.Study:
-    study = optuna.create_study(study_name=safe_name(name, "study name"), storage=make_storage(storage),
+    """Study `name` in `storage` (a URL, or a storage make_storage opened), created on first use. The name is
+    checked before the storage is opened: a bad name creates no database."""
+    name = safe_name(name, "study name")
+    storage = make_storage(storage) if isinstance(storage, str) else storage
+    study = optuna.create_study(study_name=name, storage=storage,
                                 direction="maximize", load_if_exists=True, sampler=make_sampler(sampler, seed),
                                 pruner=make_pruner(pruner))
     if study.metric_names != [METRIC_NAME]:
@@ -280,12 +292,14 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
                root: str | Path | None = None, stop_event: threading.Event | None = None,
                seed: int | None = None) -> optuna.Study:
     """Run trials of study `name` until it has `trials` finished ones (counted across all workers),
-    `timeout` seconds pass, or a stop is requested (SIGTERM, the study's STOP file)."""
+    `timeout` seconds pass, or a stop is requested (SIGTERM, the study's STOP file). A storage that stops
+    taking writes meanwhile ends the worker with StudyFailing, naming the storage and the cause."""
     storage = storage or default_storage(root)
     space = check_space(space or DEFAULT_SPACE, base)
     folder = study_dir(name, root)
     folder.mkdir(parents=True, exist_ok=True)
-    study = open_study(name, storage, sampler, pruner, seed)
+    opened = make_storage(storage)
+    study = open_study(name, opened, sampler, pruner, seed)
     study.set_user_attr("space", json.loads(json.dumps(space)))
     study.set_user_attr("base_config", base.to_dict())
     stop = StopRequest(folder, stop_event or threading.Event())
@@ -297,12 +311,43 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     failures = FailureStreak()
     if finished_trials(study) < trials and not stop():
         # the trial count is across every worker of the study: Optuna's callback counts the storage's trials
-        study.optimize(objective_for(name, base, space, root, stop), timeout=timeout,
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), stop_requested, failures],
-                       catch=(RuntimeError, ValueError, MemoryError))
+        try:
+            with quiet_storage_failures_in_threads():
+                study.optimize(objective_for(name, base, space, root, stop), timeout=timeout,
+                               callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), stop_requested,
+                                          failures],
+                               catch=(RuntimeError, ValueError, MemoryError))
+        except Exception as exc:
+            # A failed write surfaces as whatever Optuna meets next (an OSError, a storage error, even an
+            # assertion in its own bookkeeping of the trial it could not record): ask the storage itself.
+            try:
+                check_writable(opened, storage)
+            except ConfigError as problem:
+                raise StudyFailing(f"its storage stopped taking writes: {problem}; the trials finished before "
+                                   "then stay in it") from None
+            if isinstance(exc, optuna.exceptions.StorageInternalError):
+                raise StudyFailing(f"its storage {storage!r} failed: {str(exc).splitlines()[0][:300]}") from None
+            raise
     if failures.reason:
         raise StudyFailing(failures.reason)
     return study
+
+
+@contextlib.contextmanager
+def quiet_storage_failures_in_threads():
+    """Keep Optuna's heartbeat thread from printing a traceback when the storage fails under it: the main
+    thread meets the same failure at its next write and run_worker says it in one line."""
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if not isinstance(args.exc_value, (OSError, optuna.exceptions.StorageInternalError)):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def study_summaries(storage: str) -> list[dict]:

@@ -49,7 +49,7 @@ def config_form(devices) -> TrainConfig | None:
 def start(config: TrainConfig) -> None:
     try:
         run, notice = start_training(config)
-    except ConfigError as exc:
+    except (ConfigError, RunError) as exc:      # no device for it, or a saves folder that cannot take a run
         st.error(str(exc))
         return
     st.session_state.update(train_run=run.id, train_follow=True, train_notice=notice)

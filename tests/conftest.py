@@ -16,11 +16,12 @@ from benchmarks.harness import (CHROMIUM, CHROMIUM_ARGS, REPO, free_port, stop_l
                                 streamlit_server, wait_until)
 from lstm_core import TrainConfig
 from lstm_core.config import NO_AUGMENTATION
-from lstm_core.data import load_mnist
+from lstm_core.data import default_data_dir, load_mnist
 from lstm_core.train import Callback
 
-# The real data, loaded once into the repository's saves/data (IDX files after the first load).
-DATA_DIR = Path(os.environ.get("LSTM_DATA", REPO / "saves" / "data"))
+# The real data, from where every loader looks (the GPU check too): $LSTM_DATA, else the saves root's data/
+# (IDX files after the first load). Pinned for the tests' processes, since each test moves LSTM_SAVES.
+DATA_DIR = default_data_dir()
 os.environ["LSTM_DATA"] = str(DATA_DIR)
 
 

@@ -9,7 +9,7 @@ from dataclasses import fields
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, wait_until
 from lstm_core.__main__ import build_parser, config_from_args
 from lstm_core.config import TrainConfig, preset
 from lstm_core.jobs import request_stop
@@ -58,9 +58,8 @@ def wait_for(run_id: str, states, timeout: float = 180) -> dict:
 
 
 def wait_for_batches(run_id: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and not any(r["event"] == "batch" for r in open_run(run_id).metrics()):
-        time.sleep(0.2)
+    wait_until(lambda: any(r["event"] == "batch" for r in open_run(run_id).metrics()), timeout,
+               f"run {run_id}'s first batches")
 
 
 def charts(at: AppTest) -> list[dict]:
@@ -148,9 +147,8 @@ def test_a_second_run_on_the_same_device_is_queued_behind_the_first(saves):
     wait_for(first, {"running"})
     second = start(at)
     assert any(f"busy with run {first}" in i.value and "queued" in i.value for i in at.info)
-    deadline = time.time() + 120          # the second process needs a moment to start and ask for the device
-    while time.time() < deadline and not open_run(second).status().get("waiting_for"):
-        time.sleep(0.2)
+    # the second process needs a moment to start and ask for the device
+    wait_until(lambda: open_run(second).status().get("waiting_for"), 120, f"run {second} asking for the device")
     assert open_run(second).status()["state"] == "queued"
     assert open_run(second).status().get("waiting_for") == first
     for run_id in (second, first):
@@ -174,9 +172,7 @@ def test_a_run_whose_process_died_shows_as_interrupted(saves):
 def test_resume_continues_a_stopped_run_to_its_end(saves):
     at = set_widgets(page(), {**LONG, "epochs": 4, "limit_train": 4000})
     run_id = start(at)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(open_run(run_id).epochs()) < 1:
-        time.sleep(0.2)
+    wait_until(lambda: open_run(run_id).epochs(), 180, f"run {run_id}'s first epoch")
     at.run()
     (stop,) = [b for b in at.button if b.label == "Stop"]
     stop.click().run()

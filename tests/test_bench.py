@@ -3,11 +3,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from lstm_core import bench, cpu
+from lstm_core import bench, cpu, train
 from lstm_core.bench import flops_per_sample, gemm_bound, predict_latency
 from lstm_core.config import preset
 from lstm_core.devices import cpu_has_bf16
@@ -34,6 +35,7 @@ def test_bench_writes_a_report_with_roofline_baseline_and_time_to_accuracy(tmp_p
     assert "roofline" in out.stdout and "time to 90.0% test accuracy (default)" in out.stdout
     [report] = (tmp_path / "bench").glob("*.json")
     result = json.loads(report.read_text())
+    assert result["timing"] == bench.TIMING and f"samples/s: {bench.TIMING}" in out.stdout   # what it times
     rows = {row["dtype"]: row for row in result["train"]}
     assert set(rows) >= {"fp32"} | ({"fp32-torch"} if cpu.available() else set())
     for row in rows.values():
@@ -44,6 +46,35 @@ def test_bench_writes_a_report_with_roofline_baseline_and_time_to_accuracy(tmp_p
     assert len(tta["curve"]) == 1 and tta["final_test_accuracy"] > 0.9                # one epoch of real data
     assert tta["seconds_to_target"] == pytest.approx(tta["curve"][0][1])
     assert result["peak_rss_mb"] > 0
+
+
+def test_throughput_times_training_without_the_gradient_probe_of_each_progress_record(mnist, monkeypatch):
+    """Every progress record of an LSTM runs the gradient-over-time probe (a backward through every time
+    step). Here each probe costs 1000 s on the clock train.py reads: inside a timed window it would hold
+    every window of one batch of 64 to under 0.1 samples/s."""
+    class Clock:                      # the time module, with the probe's cost added to perf_counter
+        def __init__(self):
+            self.probe_seconds, self.probes = 0.0, 0
+
+        def perf_counter(self):
+            return time.perf_counter() + self.probe_seconds
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    clock, probe = Clock(), train.step_gradient_norms
+
+    def costly_probe(*args, **kwargs):
+        clock.probe_seconds += 1000.0
+        clock.probes += 1
+        return probe(*args, **kwargs)
+
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "step_gradient_norms", costly_probe)
+    config = preset("default").replace(device="cpu", batch_size=64)
+    rate = bench.train_throughput(config, mnist, samples=5 * 64, log_every=1)
+    assert clock.probes >= 5                            # a probe after every batch, between the windows
+    assert rate > 1.0, f"{rate:.3f} samples/s: the probe's time is inside the timed windows"
 
 
 def test_gemm_bound_follows_the_kernels_gemms():

@@ -3,12 +3,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import DATA_DIR, REPO
+from conftest import DATA_DIR, REPO, wait_until
 
 TINY = ["--hidden-size", "48", "--epochs", "2", "--batch-size", "50", "--limit-train", "2000", "--val-size", "1000",
         "--lr", "0.01", "--optimizer", "adam", "--scheduler", "none"]
@@ -67,10 +66,12 @@ def test_sigterm_stops_cooperatively_and_keeps_a_checkpoint(tmp_path):
                              "--limit-train", "20000", "--log-every", "5", "--json"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = Path(proc.stdout.readline().strip())
-    deadline = time.time() + 120
     metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and '"event": "batch"' in metrics.read_text()):
-        time.sleep(0.2)
+    try:
+        wait_until(lambda: metrics.exists() and '"event": "batch"' in metrics.read_text(), 120, "the first batches")
+    except AssertionError:
+        proc.kill()                                               # not 50 epochs behind the failure
+        raise
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -88,11 +89,12 @@ def test_resume_continues_a_killed_run_from_its_last_epoch(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     run_dir = Path(proc.stdout.readline().strip())
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"event": "epoch"') >= 2):
-        time.sleep(0.1)
-    proc.kill()                                                   # SIGKILL: no chance to clean up
-    proc.wait()
+    try:
+        wait_until(lambda: metrics.exists() and metrics.read_text().count('"event": "epoch"') >= 2, 180,
+                   "two epochs", poll=0.1)
+    finally:
+        proc.kill()                                               # SIGKILL: no chance to clean up
+        proc.wait()
     status = json.loads(cli("runs", "--json", saves=tmp_path, check=True).stdout)[0]
     assert status["state"] == "interrupted"
     done = status["epochs_done"]

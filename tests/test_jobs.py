@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, wait_until
 from lstm_core.jobs import (STOP_FILE, delete_run, device_holder, device_lock, launch_study, request_stop,
                             running_studies, study_running)
 from lstm_core.runs import RunError, create_run, open_run
@@ -66,9 +66,7 @@ def test_a_launched_run_outlives_the_process_that_started_it(saves):
                               text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     run_id = launcher.stdout.strip()                       # the launcher has exited by now
     run = open_run(run_id, saves)
-    deadline = time.time() + 120
-    while time.time() < deadline and run.status()["state"] in ("queued", "running"):
-        time.sleep(0.3)
+    wait_until(lambda: run.status()["state"] not in ("queued", "running"), 120, f"run {run_id} ending")
     assert run.status()["state"] == "completed", (run.path / "train.log").read_text()
     assert run.eval()["test_accuracy"] > 0.4
 
@@ -82,10 +80,8 @@ def test_a_launched_study_runs_from_the_launch_until_its_process_ends(saves):
     launch_study(["--study", "s", "--trials", "0", "--storage", storage], "s", storage, saves)
     assert study_running("s", saves) and not (saves / "studies" / "s" / STOP_FILE).exists()
     assert running_studies(storage, saves) == ["s"] and running_studies("sqlite:///other.db", saves) == []
-    deadline = time.time() + 60
-    while study_running("s", saves) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not study_running("s", saves) and running_studies(storage, saves) == []
+    wait_until(lambda: not study_running("s", saves), 60, "the refused study's command ending", poll=0.1)
+    assert running_studies(storage, saves) == []
     assert "error: --trials and --workers must be at least 1" in (saves / "studies" / "s" / "tune.log").read_text()
 
 
@@ -121,33 +117,30 @@ def test_auto_on_several_gpus_takes_the_first_free_one(saves):
 def test_trials_share_the_cpu_and_a_waiting_run_goes_before_new_trials(saves):
     trial, got = hold(saves, ["cpu"], "s/trial_0", shared=True)
     assert got == "cpu"
+    run, waited, release = [], [], threading.Event()
+
+    def start_run():
+        with device_lock("cpu", "r", saves, poll=0.05, on_wait=waited.append) as device:
+            run.append(device)
+            release.wait(30)
+    thread = threading.Thread(target=start_run)
     try:
         with device_lock("cpu", "s/trial_1", saves, shared=True) as device:    # workers of a study share
             assert device == "cpu"
         # a run waits for the trial in progress, and says so, so that trials about to start leave the CPU to it
-        run, waited, release = [], [], threading.Event()
-
-        def start_run():
-            with device_lock("cpu", "r", saves, poll=0.05, on_wait=waited.append) as device:
-                run.append(device)
-                release.wait(30)
-        thread = threading.Thread(target=start_run)
         thread.start()
-        deadline = time.time() + 10
-        while not waited and time.time() < deadline:
-            time.sleep(0.05)
-        assert waited and not run
+        wait_until(lambda: waited, 10, "the run waiting for the trial's CPU", poll=0.05)
+        assert not run
         stop_now = lambda: True  # noqa: E731
         with device_lock("cpu", "s/trial_2", saves, shared=True, stop=stop_now) as device:
             assert device is None                            # a new trial does not slip in before the run
         trial.kill()
         trial.wait()
-        deadline = time.time() + 10
-        while not run and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: run, 10, "the run taking the CPU its trial left", poll=0.05)
         assert run == ["cpu"]
-        release.set()
-        thread.join(timeout=10)
     finally:
         trial.kill()
         trial.wait()
+        release.set()
+        if thread.ident is not None:        # started: it ends once it has the CPU and is released
+            thread.join(timeout=10)

@@ -1,5 +1,7 @@
 """Every figure the pages draw, built without Streamlit: what each one plots, the Draw page's figures built
 without plotly's validation (and what that would have made of them), and a study's Optuna plots."""
+import math
+
 import optuna
 import plotly.graph_objects as go
 import pytest
@@ -79,6 +81,107 @@ def test_overlay_and_per_class_figures():
     per_class = [{"digit": d, "precision": 0.9, "recall": 0.8, "f1": 0.85} for d in range(10)]
     bars = plots.per_class_figure(per_class)
     assert [t.name for t in bars.data] == ["precision", "recall", "f1"] and list(bars.data[1].y) == [0.8] * 10
+
+
+# -- axes that read at a glance -------------------------------------------------------------------------
+def window(epoch, batch, **record):
+    return {"epoch": epoch, "batch": batch, "batches": 4, **record}
+
+
+# gradient norms over 0.12 ... 3.5 (plotly's own log ticks would read 0.2 and 0.5 as "2" and "5")
+NORMS = [window(e, b, loss=1.0, accuracy=0.19 + 0.62 * (4 * (e - 1) + b - 1) / 7, grad_norm=0.12 * 3 ** (b - 1),
+                grad_norm_max=3.5, layer_grad_norms={"lstm 1": 0.2, "head": 0.15}, clip_fraction=b / 4,
+                nonfinite_steps=0, step_grad_norms=[5e-6 * 1.25 ** k for k in range(28)])   # 5e-6 ... 2.1e-3
+         for e in (1, 2) for b in (1, 2, 3, 4)]
+LOG_FIGURES = {"gradient": lambda: plots.gradient_figure(NORMS), "steps": lambda: plots.step_gradient_figure(NORMS, 28)}
+
+
+def ticks(axis) -> list[tuple[float, str]]:
+    assert axis.tickmode == "array", "plotly's own ticks"
+    return list(zip(axis.tickvals, axis.ticktext))
+
+
+def assert_whole_log_ticks(axis) -> None:
+    """At least three ticks in sight, each a round value of its decade, labelled by the value itself."""
+    assert axis.type == "log"
+    shown = [(v, t) for v, t in ticks(axis) if axis.range[0] <= math.log10(v) <= axis.range[1]]
+    assert len(shown) >= 3
+    for value, text in shown:
+        assert float(text) == value                                  # "0.5" for 0.5, never "5" or "500m"
+        mantissa = value / 10 ** math.floor(math.log10(value))
+        assert round(mantissa, 9) in (1, 2, 3, 5, 7)
+
+
+@pytest.mark.parametrize("name", LOG_FIGURES)
+def test_a_log_axis_names_each_tick_by_its_whole_value(name):
+    fig = LOG_FIGURES[name]()
+    axis = fig.layout.yaxis
+    assert_whole_log_ticks(axis)
+    plotted = [v for trace in fig.data if trace.yaxis in (None, "y") and trace.y for v in trace.y if v]
+    assert 10 ** axis.range[0] <= min(plotted) and max(plotted) <= 10 ** axis.range[1]
+
+
+def test_log_ticks_are_denser_the_fewer_decades_the_values_span():
+    assert plots.log_axis([0.12, 3.5])["ticktext"] == ["0.1", "0.2", "0.5", "1", "2", "5"]
+    assert plots.log_axis([0.3, 0.8])["ticktext"] == ["0.3", "0.5", "0.7", "1"]
+    assert plots.log_axis([5e-6, 2e-3])["ticktext"] == ["1e-6", "1e-5", "1e-4", "0.001", "0.01"]
+    assert plots.log_axis([1e-30, 10, None, 0.0, float("nan")])["ticktext"] == [
+        "1e-30", "1e-24", "1e-18", "1e-12", "1e-6", "1", "1e6"]           # every sixth decade; no 0 on a log axis
+    assert plots.log_axis([0.0, None]) == {"type": "log"}
+
+
+PERCENT_AXES = {                # the figure, and the axis of its fractions
+    "curves accuracy": (lambda: plots.curves_figure(EPOCHS), "yaxis2"),
+    "running accuracy": (lambda: plots.running_loss_figure(NORMS), "yaxis2"),
+    "clipped steps": (lambda: plots.gradient_figure(NORMS), "yaxis2"),
+    "overlay accuracy": (lambda: plots.overlay_figure({"a": EPOCHS}, "val_accuracy"), "yaxis"),
+    "per-class": (lambda: plots.per_class_figure([{"digit": d, "precision": 0.9 + d / 100, "recall": 0.86,
+                                                   "f1": 0.88} for d in range(10)]), "yaxis"),
+}
+
+
+@pytest.mark.parametrize("name", PERCENT_AXES)
+def test_a_percent_axis_ticks_at_multiples_of_a_round_step(name):
+    build, axis_name = PERCENT_AXES[name]
+    fig = build()
+    axis = fig.layout[axis_name]
+    values, texts = zip(*ticks(axis))
+    assert [float(t.rstrip("%")) / 100 for t in texts] == pytest.approx(values)      # the text reads the value
+    step = values[1] - values[0]
+    assert round(step, 9) in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+    assert all(abs(v / step - round(v / step)) < 1e-6 for v in values)            # 20%, 40%; never 19%, 81%
+    assert 2 <= len(values) <= 6
+    anchor = axis_name.replace("axis", "")
+    plotted = [v for trace in fig.data if (trace.yaxis or "y") == anchor for v in trace.y if v is not None]
+    assert plotted and axis.range[0] <= min(plotted) and max(plotted) <= axis.range[1]
+
+
+def test_the_running_accuracy_ticks_at_round_percentages():
+    """The accuracy of the windows in NORMS goes from 19% to 81%: its axis names 0%, 20%, ..., 100%."""
+    assert plots.running_loss_figure(NORMS).layout.yaxis2.ticktext == ("0%", "20%", "40%", "60%", "80%", "100%")
+
+
+def test_the_clipped_share_has_its_own_axis_below_the_norms():
+    """Bars laid over the norms hid them and crowded the axes: the bars get a row, and an axis, of their own."""
+    fig = plots.gradient_figure(NORMS)
+    (bars,) = [t for t in fig.data if t.type == "bar"]
+    assert (bars.xaxis, bars.yaxis) == ("x2", "y2") and fig.layout.yaxis2.overlaying is None
+    assert fig.layout.yaxis2.domain[1] < fig.layout.yaxis.domain[0]
+    assert fig.layout.xaxis.matches == "x2" and fig.layout.xaxis2.title.text == "epoch"   # one epoch axis, at the foot
+    assert all(t.yaxis in (None, "y") for t in fig.data if t.type != "bar")           # the norms, above
+
+
+LEGEND_FIGURES = {"curves": lambda: plots.curves_figure(EPOCHS), "running": lambda: plots.running_loss_figure(NORMS),
+                  **LOG_FIGURES, "per-class": PERCENT_AXES["per-class"][0]}
+
+
+@pytest.mark.parametrize("name", LEGEND_FIGURES)
+def test_a_legend_below_a_plot_sits_under_its_axis_labels(name):
+    """Placed against the whole figure, at its foot, plotly fits the plot area above the legend however many
+    lines it wraps to in a narrow column; placed a fraction of the plot area below it, it covered the
+    epoch labels."""
+    legend = LEGEND_FIGURES[name]().layout.legend
+    assert (legend.orientation, legend.yref, legend.y, legend.yanchor) == ("h", "container", 0, "bottom")
 
 
 # -- the Draw page's figures ---------------------------------------------------------------------------
@@ -171,6 +274,14 @@ TITLES = {"history": "Optimization History Plot", "intermediate": "Intermediate 
 def test_each_of_optunas_plots_of_a_study(study, kind):
     fig = plots.study_figure(study, kind, "val accuracy", params=["hidden_size", "lr"], height=300)
     assert fig.layout.title.text == TITLES[kind] and fig.layout.height == 300
+
+
+@pytest.mark.parametrize("kind, axis", [("contour", "yaxis"), ("slice", "xaxis2")])
+def test_optunas_log_axes_name_each_tick_by_its_whole_value(study, kind, axis):
+    """lr, searched on a log scale, read "0.001, 2, 3, ... 0.01" on plotly's own ticks."""
+    fig = plots.study_figure(study, kind, "val accuracy", params=["hidden_size", "lr"])
+    assert fig.layout[axis].title.text == "lr"
+    assert_whole_log_ticks(fig.layout[axis])
 
 
 def test_pruned_trials_are_dotted_and_crossed_where_they_stopped(study):

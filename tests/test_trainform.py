@@ -86,21 +86,6 @@ def test_the_command_names_flags_as_the_cli_does():
     assert command.endswith("--no-bidirectional --limit-train 1000")
 
 
-def test_start_says_whether_the_run_started_or_waits(monkeypatch):
-    launched = []
-    monkeypatch.setattr(trainform, "training_devices", lambda config: ["cpu"])
-    monkeypatch.setattr(trainform, "pick_device", lambda devices: devices[0])
-    monkeypatch.setattr(trainform, "launch_training", lambda config: launched.append(config) or type(
-        "Run", (), {"id": f"run-{len(launched)}"})())
-    monkeypatch.setattr(trainform, "device_holder", lambda device: None)
-    run, notice = trainform.start_training(preset("default"))
-    assert (run.id, notice, launched) == ("run-1", "Started run run-1.", [preset("default")])
-    monkeypatch.setattr(trainform, "device_holder", lambda device: "run:older")
-    monkeypatch.setattr(trainform, "describe_holder", lambda owner: "run older")
-    run, notice = trainform.start_training(preset("default"))
-    assert notice == "cpu is busy with run older: run run-2 is queued and starts when it ends."
-
-
 def test_the_parameter_count_is_the_models():
     # one layer: 4 gates x (input + hidden + 2 biases) x hidden, then the head
     assert parameter_count(preset("default")) == 4 * 128 * (28 + 128 + 2) + 128 * 10 + 10

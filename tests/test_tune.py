@@ -4,14 +4,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
 import torch
 
-from conftest import DATA_DIR, REPO, tiny_config
+from conftest import DATA_DIR, REPO, tiny_config, wait_until
 from lstm_core.jobs import STOP_FILE
+from lstm_core.storage import make_storage
 from lstm_core.tune import MAX_FAILURES_IN_A_ROW, SEARCH_RANGES, FailureStreak, run_worker
 
 SMALL = ["--limit-train", "1000", "--val-size", "500", "--epochs", "2", "--batch-size", "100",
@@ -100,12 +100,20 @@ def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(save
                                "--space", str(space), *long_trial], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = saves / "studies" / "hb" / "trial_0" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and '"event": "epoch"' in metrics.read_text()):
-        time.sleep(0.3)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    time.sleep(21)                                                   # past the heartbeat's grace period
+    try:
+        wait_until(lambda: metrics.exists() and '"event": "epoch"' in metrics.read_text(), 120,
+                   "trial 0's first epoch")
+        # the storage's own judgement of which trials are stale, the one the next worker's Optuna acts on
+        # (Optuna has no public question for it)
+        storage = make_storage(storage_of(saves))
+        study_id = storage.get_study_id_from_name("hb")
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, 0)
+        stale = lambda: storage._get_stale_trial_ids(study_id)  # noqa: E731
+        assert trial_id not in stale()                               # its worker's heartbeat keeps it fresh
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    wait_until(lambda: trial_id in stale(), 60, "the killed worker's trial going stale (its heartbeat stopped)")
     result = tune(saves, "--study", "hb", "--trials", 2, "--space", space, *SMALL)
     assert result.returncode == 0, result.stderr
     study = optuna.load_study(study_name="hb", storage=storage_of(saves))
@@ -188,10 +196,13 @@ def test_a_killed_worker_process_has_its_trial_failed_before_the_command_reports
                                 "--workers", "2", "--space", str(space), *long_trial], cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = saves / "studies" / "dk"
-    deadline = time.time() + 180
-    while time.time() < deadline and len([m for m in folder.glob("trial_*/metrics.jsonl")
-                                          if '"event": "epoch"' in m.read_text()]) < 2:
-        time.sleep(0.3)
+    try:
+        wait_until(lambda: len([m for m in folder.glob("trial_*/metrics.jsonl")
+                                if '"event": "epoch"' in m.read_text()]) >= 2, 180, "two trials reaching an epoch")
+    except AssertionError:
+        (folder / STOP_FILE).touch()                                 # not minutes of trials after the failure
+        command.kill()
+        raise
     child = json.loads((folder / "workers.json").read_text())["workers"][0]["pid"]   # not the command itself
     os.kill(child, signal.SIGKILL)
     (folder / STOP_FILE).touch()                                     # and stop the study

@@ -7,7 +7,7 @@ import pytest
 
 from app import tuneform
 from lstm_core.__main__ import build_parser
-from lstm_core.config import PRESETS, ConfigError, TrainConfig, preset
+from lstm_core.config import LSTM_ONLY, PRESETS, ConfigError, TrainConfig, preset
 from lstm_core.runs import RunError
 from lstm_core.storage import make_storage
 from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, check_space
@@ -57,8 +57,10 @@ def test_every_config_field_that_has_a_range_can_be_searched_from_every_preset()
     assert list(DEFAULT_SPACE) == ["optimizer", "lr", "weight_decay", "hidden_size", "num_layers", "dropout",
                                    "batch_size", "bidirectional"]
     everything = {name: picked_range(name, first_pick(name)) for name in SEARCH_RANGES}
-    for name in PRESETS:
-        assert check_space(everything, preset(name)) == everything
+    for name in PRESETS:      # a CNN's trials search all but what only an LSTM reads (check_space refuses those)
+        space = everything if preset(name).arch == "lstm" else {
+            k: v for k, v in everything.items() if k not in LSTM_ONLY}
+        assert check_space(space, preset(name)) == space
 
 
 def test_picks_in_the_search_space_format():
