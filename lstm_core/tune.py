@@ -26,7 +26,7 @@ import optuna
 from .config import CHOICES, FIELD_TYPES, LSTM_ONLY, ConfigError, TrainConfig, from_dict, read_mapping
 from .jobs import StopRequest, device_lock, training_devices
 from .recorder import RunRecorder
-from .runs import create_run, safe_name, study_dir
+from .runs import create_run, os_error_text, safe_name, study_dir
 from .storage import check_writable, default_storage, make_storage
 from .train import Callback, fit
 
@@ -216,10 +216,13 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | Path | None,
-                  stop: Callable[[], bool]) -> Callable[[optuna.Trial], float]:
+                  stop: Callable[[], bool], unwritable: list[OSError]) -> Callable[[optuna.Trial], float]:
     """suggest -> TrainConfig -> fit with pruning -> best validation accuracy. Each trial trains while it
     holds its device's lock (jobs.device_lock): alone on a GPU, the first free one for `auto`; shared
-    with the study's other trials on the CPU; after a run that is using or waiting for the device."""
+    with the study's other trials on the CPU; after a run that is using or waiting for the device.
+    A trial whose folder cannot be written (a full disk, a folder gone or read-only) fails, stops the
+    study and lands in `unwritable`: every trial after it would fail the same way, and run_worker says it
+    in one line rather than as Optuna's logged traceback."""
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker_pid", os.getpid())
         pruning = Pruning(trial)
@@ -239,6 +242,11 @@ def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | P
                 history = fit(config, [RunRecorder(run), pruning], stop=stop, device=device)
         except optuna.TrialPruned:
             raise
+        except OSError as exc:
+            trial.set_user_attr("error", os_error_text(exc))
+            unwritable.append(exc)
+            trial.study.stop()
+            return float("nan")                 # failed, without a traceback in the log
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
             raise
@@ -308,12 +316,12 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
         if stop():
             study.stop()
 
-    failures = FailureStreak()
+    failures, unwritable = FailureStreak(), []
     if finished_trials(study) < trials and not stop():
         # the trial count is across every worker of the study: Optuna's callback counts the storage's trials
         try:
             with quiet_storage_failures_in_threads():
-                study.optimize(objective_for(name, base, space, root, stop), timeout=timeout,
+                study.optimize(objective_for(name, base, space, root, stop, unwritable), timeout=timeout,
                                callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), stop_requested,
                                           failures],
                                catch=(RuntimeError, ValueError, MemoryError))
@@ -328,6 +336,8 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
             if isinstance(exc, optuna.exceptions.StorageInternalError):
                 raise StudyFailing(f"its storage {storage!r} failed: {str(exc).splitlines()[0][:300]}") from None
             raise
+    if unwritable:
+        raise StudyFailing(f"{os_error_text(unwritable[0])}; the trials finished before then are kept")
     if failures.reason:
         raise StudyFailing(failures.reason)
     return study

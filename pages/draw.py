@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from lstm_core.config import preset
+from lstm_core.config import ConfigError, preset
 from lstm_core.jobs import launch_training
 from lstm_core.plots import hidden_figure, input_figure, probability_figure, steps_figure
 from lstm_core.preprocess import Digit, ImageError, Prediction, from_canvas, from_upload, predict
@@ -157,8 +157,11 @@ def no_models() -> None:
             return
         st.error(text)                  # the quick run failed or was stopped before it saved a model
     if st.button("Quick train", type="primary", icon=":material/bolt:"):
-        run = launch_training(preset("default"))
-        st.session_state.draw_quick_run = run.id
+        try:
+            st.session_state.draw_quick_run = launch_training(preset("default")).id
+        except (RunError, ConfigError) as exc:      # a saves folder that cannot take a run
+            st.error(str(exc))
+            return
         st.rerun()
 
 

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
@@ -273,6 +274,43 @@ def test_the_train_page_says_which_folder_cannot_take_a_run(saves):
     assert not at.exception, [e.value for e in at.exception]
     assert any(e.value.startswith(f"{runs} is a file, not a folder") for e in at.error), [e.value for e in at.error]
     assert runs.read_text() == "not a folder"
+
+
+def test_a_study_whose_folder_goes_away_mid_study_ends_in_one_line_keeping_its_trials(saves, tmp_path):
+    """A study's folder replaced by a file while a trial trains (a disk unmounted, a folder moved away): the
+    worker stops the study and says so in one line, not in Optuna's logged traceback; trial 0 stays."""
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"hidden_size": {"type": "int", "low": 8, "high": 32}}))
+    tiny = ["--limit-train", "1000", "--val-size", "500", "--epochs", "3", "--batch-size", "100", "--aug-rotate", "0",
+            "--aug-translate", "0", "--aug-scale", "0"]
+    worker = subprocess.Popen([sys.executable, "-m", "lstm_core", "tune", "--study", "s", "--trials", "4", "--space",
+                               str(space), "--saves", str(saves), *tiny], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "LSTM_DATA": str(DATA_DIR)})
+    folder = saves / "studies" / "s"
+    try:
+        wait_until(lambda: (folder / "trial_1").is_dir(), 180, "the study's second trial")
+    except AssertionError:
+        worker.kill()
+        raise
+    folder.rename(tmp_path / "moved")
+    a_file_where(folder)
+    out, err = worker.communicate(timeout=300)
+    line = one_error_line(subprocess.CompletedProcess(worker.args, worker.returncode, out, err), 1)
+    assert line.startswith(f"study s: not a directory writing {folder}/trial_1/"), line
+    assert line.endswith("the trials finished before then are kept"), line
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{saves / 'optuna.db'}")
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert study.trials[1].state == optuna.trial.TrialState.FAIL and len(study.trials) == 2   # stopped there
+
+
+def test_quick_train_on_the_draw_page_says_which_folder_cannot_take_a_run(saves):
+    locks = a_file_where(saves / "locks")
+    at = AppTest.from_file(str(PAGES / "draw.py"), default_timeout=60).run()
+    (quick,) = [b for b in at.button if b.label == "Quick train"]
+    quick.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any(e.value.startswith(f"{locks} is a file, not a folder") for e in at.error), [e.value for e in at.error]
+    assert not (saves / "runs").exists() or not list((saves / "runs").iterdir())     # no run was made
 
 
 # -- 3. damaged run folders ----------------------------------------------------------------------
