@@ -326,8 +326,8 @@ def command_runs(args: argparse.Namespace) -> int:
         if r["damaged"]:                # no model to describe: say why instead
             model = f"damaged: {r['damaged']}"
         table.append((r["id"], r["state"], model, f"{r['epochs_done']}/{r['epochs'] or '?'}",
-                      pct(r["best_val_accuracy"]), pct(r["test_accuracy"]), format_seconds(r["duration_s"]) if r["duration_s"] else "-",
-                      r["device"] or "-"))
+                      pct(r["best_val_accuracy"]), pct(r["test_accuracy"]),
+                      format_seconds(r["duration_s"]) if r["duration_s"] else "-", r["device"] or "-"))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())

@@ -2,6 +2,7 @@
 
     python -m lstm_core.bench                        # throughput, roofline, baseline, latency
     python -m lstm_core.bench --tta                  # + wall time for `default` to reach 99.0% test accuracy
+    python -m lstm_core.bench --tta --tta-seeds 0 1 2   # the same over three seeds: median and range
     python -m lstm_core.bench --full default best    # + train presets to the end: test accuracy, wall time
     python -m lstm_core.bench --device cuda          # the same on a GPU (default: auto, the GPU where there is one)
 
@@ -333,6 +334,17 @@ def time_to_accuracy(mnist, name: str = "default", target: float = 0.99, epochs:
             "curve": probe.curve}
 
 
+def seed_summary(seeds: list[int], runs: list[dict]) -> dict:
+    """Median, min and max over seeds of a time_to_accuracy's final accuracy, wall time and time to target
+    (None where a seed never reached it), with every seed's run."""
+    def spread(values: list) -> dict:
+        known = [v for v in values if v is not None]
+        return {"median": statistics.median(known) if known else None, "min": min(known, default=None),
+                "max": max(known, default=None), "missing": len(values) - len(known)}
+    return {"seeds": seeds, "runs": runs, **{key: spread([r[key] for r in runs])
+                                             for key in ("final_test_accuracy", "wall_seconds", "seconds_to_target")}}
+
+
 def full_run(name: str, mnist, **changes) -> dict:
     """Train preset `name` (with `changes` to its config) to the end: test accuracy and wall time."""
     started = time.perf_counter()
@@ -353,6 +365,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tta-preset", default="default", help="the preset --tta trains (default: default)")
     parser.add_argument("--tta-target", type=float, default=0.99, help="the test accuracy --tta waits for")
     parser.add_argument("--tta-epochs", type=int, default=0, help="train this many epochs (0: the preset's)")
+    parser.add_argument("--tta-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="train once per seed (default: the preset's); with several, their median and range")
     parser.add_argument("--full", nargs="*", default=[], metavar="PRESET", help="train these presets to the end")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -396,13 +410,27 @@ def main(argv=None) -> int:
         print(f"draw prediction (default): p50 {result['predict']['p50_ms']:.2f} ms, "
               f"p99 {result['predict']['p99_ms']:.2f} ms", flush=True)
     if args.tta:
-        result["time_to_accuracy"] = tta = time_to_accuracy(mnist, args.tta_preset, args.tta_target, args.tta_epochs,
-                                                              device=str(device))
+        seeds = args.tta_seeds or [preset(args.tta_preset).seed]
         goal = f"{args.tta_target:.1%} test accuracy ({args.tta_preset})"
-        print(f"time to {goal}: {tta['seconds_to_target']:.0f} s" if tta["seconds_to_target"]
-              else f"never reached {goal}", f"(final {tta['final_test_accuracy']:.2%} after "
-              f"{tta['wall_seconds']:.0f} s; per epoch: " + ", ".join(f"{a:.2%}" for _, _, a in tta["curve"]) + ")",
-              flush=True)
+        runs = []
+        for seed in seeds:
+            runs.append(tta := time_to_accuracy(mnist, args.tta_preset, args.tta_target, args.tta_epochs,
+                                                device=str(device), seed=seed))
+            print(f"seed {seed}: time to {goal}: {tta['seconds_to_target']:.0f} s" if tta["seconds_to_target"]
+                  else f"seed {seed}: never reached {goal}", f"(final {tta['final_test_accuracy']:.2%} after "
+                  f"{tta['wall_seconds']:.0f} s; per epoch: " + ", ".join(f"{a:.2%}" for _, _, a in tta["curve"])
+                  + ")", flush=True)
+        result["time_to_accuracy"] = runs[0]
+        if len(runs) > 1:
+            result["time_to_accuracy_seeds"] = summary = seed_summary(seeds, runs)
+            print(f"over seeds {', '.join(map(str, seeds))}: final test accuracy median "
+                  f"{summary['final_test_accuracy']['median']:.2%} (range {summary['final_test_accuracy']['min']:.2%} "
+                  f"to {summary['final_test_accuracy']['max']:.2%}), wall time median "
+                  f"{summary['wall_seconds']['median']:.0f} s, time to target median "
+                  + (f"{reached['median']:.0f} s ({reached['min']:.0f} to {reached['max']:.0f} s"
+                     f"{', not reached by ' + str(reached['missing']) if reached['missing'] else ''})"
+                     if (reached := summary["seconds_to_target"])["median"] is not None else "never reached"),
+                  flush=True)
     out = saves_root() / "bench" / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     result["full"] = []

@@ -137,3 +137,12 @@ def test_bench_without_torchvision_skips_the_baseline(tmp_path, monkeypatch, cap
     assert "torchvision" in result["baseline_skipped"] and "baseline skipped" in capsys.readouterr().out
     for row in result["train"]:
         assert row["samples_per_s"] > 0 and row["baseline_samples_per_s"] is None and row["speedup"] is None
+
+
+def test_a_seed_summary_is_the_median_and_range_over_the_seeds():
+    runs = [{"final_test_accuracy": acc, "wall_seconds": wall, "seconds_to_target": reached}
+            for acc, wall, reached in ((0.990, 10.0, 5.0), (0.985, 12.0, None), (0.992, 11.0, 6.0))]
+    summary = bench.seed_summary([0, 1, 2], runs)
+    assert summary["final_test_accuracy"] == {"median": 0.990, "min": 0.985, "max": 0.992, "missing": 0}
+    assert summary["wall_seconds"]["median"] == 11.0
+    assert summary["seconds_to_target"] == {"median": 5.5, "min": 5.0, "max": 6.0, "missing": 1}   # one never did
