@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 
 from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, ConfigError, TrainConfig, flag, from_dict, preset
-from lstm_core.models import build_model, count_parameters
 from lstm_core.jobs import describe_holder, device_holder, launch_training, training_devices
+from lstm_core.models import build_model, count_parameters
 from lstm_core.runs import Run
 
 # the fields shown above the Advanced expander, in this order; the others are in it, in TrainConfig's order

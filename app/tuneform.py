@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, flag, preset
 from lstm_core.jobs import launch_study, study_running
 from lstm_core.runs import RunError, atomic_write_json, check_saves, safe_name, study_dir
-from app.trainform import LABELS, STEPS, UI_RANGE, FieldInput
 from lstm_core.storage import check_writable
 from lstm_core.tune import PRUNERS, SAMPLERS, SEARCH_RANGES, check_space
+from app.trainform import LABELS, STEPS, UI_RANGE, FieldInput
 
 # The form's first values, under the names of the `tune` command's flags.
 LAUNCH = {"trials": 20, "timeout": 0, "workers": 1, "sampler": "tpe", "pruner": "median", "preset": "default",

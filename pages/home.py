@@ -2,8 +2,8 @@
 import streamlit as st
 
 from lstm_core.devices import available_devices
-from app.runview import runs_table
 from app.pagekit import leave_legacy_navigation, listed_runs
+from app.runview import runs_table
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 

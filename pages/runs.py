@@ -4,8 +4,8 @@ import streamlit as st
 
 from lstm_core.plots import overlay_figure
 from lstm_core.runs import RunError, open_run
-from app.runview import delete_runs, environment_text, run_curves, runs_table, selection_key, weight_files
 from app.pagekit import leave_legacy_navigation, listed_runs
+from app.runview import delete_runs, environment_text, run_curves, runs_table, selection_key, weight_files
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 

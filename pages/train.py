@@ -15,12 +15,11 @@ from lstm_core.devices import available_devices
 from lstm_core.jobs import launch_resume, request_stop
 from lstm_core.plots import curves_figure, gradient_figure, running_loss_figure, step_gradient_figure
 from lstm_core.runs import LIVE_STATES, RunError, describe_model, list_runs, open_run
-from app.runview import batch_progress, default_run, ended_note, epoch_metrics, eval_metrics
 from lstm_core.train import PROBE_SAMPLES
-from app.trainform import (ADVANCED, COMMON, field_input, form_config, parameter_count, start_training,
-                                 train_command)
 from app.pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, rerun_when_ended, restore,
-                     saved)
+                         saved)
+from app.runview import batch_progress, default_run, ended_note, epoch_metrics, eval_metrics
+from app.trainform import ADVANCED, COMMON, field_input, form_config, parameter_count, start_training, train_command
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 

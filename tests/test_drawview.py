@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from app.drawview import preview, readings, run_to_watch, step_unit, steps_caption
 from lstm_core.models import build_model
 from lstm_core.preprocess import Digit
 from lstm_core.runs import RunError
+from app.drawview import preview, readings, run_to_watch, step_unit, steps_caption
 
 ROW = {"id": "r1", "arch": "lstm", "bidirectional": False, "num_layers": 1, "hidden_size": 48, "seq_mode": "rows",
        "test_accuracy": 0.9, "best_val_accuracy": 0.91}

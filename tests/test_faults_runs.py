@@ -26,7 +26,6 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import DATA_DIR, REPO, StopAt, tiny_config, wait_until
-from app.runview import evaluated_label
 from lstm_core.__main__ import main
 from lstm_core.checkpoints import load_checkpoint, load_model
 from lstm_core.jobs import request_stop
@@ -34,6 +33,7 @@ from lstm_core.recorder import RunRecorder
 from lstm_core.runs import (LIVE_STATES, Run, WriteError, append_jsonl, atomic_write_json, create_run, list_models,
                             list_runs, open_run)
 from lstm_core.train import fit
+from app.runview import evaluated_label
 
 PAGES = REPO / "pages"
 

@@ -7,8 +7,8 @@ import pytest
 from lstm_core.config import TrainConfig
 from lstm_core.runs import append_jsonl, create_run, list_runs, open_run, process_start_time
 from app.runview import (batch_progress, default_run, delete_runs, ended_note, epoch_metrics, eval_metrics,
-                               evaluated_label, model_label, run_curves, run_progress, runs_table, selection_key,
-                               weight_files)
+                         evaluated_label, model_label, run_curves, run_progress, runs_table, selection_key,
+                         weight_files)
 
 ROW = {"id": "r1", "arch": "lstm", "bidirectional": False, "num_layers": 1, "hidden_size": 128, "seq_mode": "rows",
        "test_accuracy": 0.9876, "best_val_accuracy": 0.99}

@@ -6,12 +6,11 @@ import random
 import optuna
 import pytest
 
-from app import studyview
 from lstm_core import plots
-from app.studyview import (absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
-                                 first_trial, load_study, plottable, storage_studies, study_labels, study_metrics,
-                                 trial_label)
 from lstm_core.storage import make_storage
+from app import studyview
+from app.studyview import (absent_study, contour_note, contour_pair, draw_id, evaluated_trials, first_trial,
+                           load_study, plottable, storage_studies, study_labels, study_metrics, trial_label)
 
 DISTRIBUTIONS = {"dropout": optuna.distributions.FloatDistribution(0.1, 0.5),
                  "hidden_size": optuna.distributions.IntDistribution(32, 128),

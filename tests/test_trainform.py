@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from app import trainform
 from lstm_core.__main__ import build_parser, config_from_args
 from lstm_core.config import BOUNDS, CHOICES, PRESETS, TrainConfig, preset
 from app.trainform import ADVANCED, COMMON, field_input, form_config, parameter_count, train_command

@@ -5,14 +5,13 @@ from dataclasses import fields
 
 import pytest
 
-from app import tuneform
 from lstm_core.__main__ import build_parser
 from lstm_core.config import LSTM_ONLY, PRESETS, ConfigError, TrainConfig, preset
 from lstm_core.runs import RunError
 from lstm_core.storage import make_storage
 from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, check_space
-from app.tuneform import (LAUNCH, LAUNCH_INPUTS, first_pick, log_grid, picked_range, plan_study,
-                                range_input)
+from app import tuneform
+from app.tuneform import LAUNCH, LAUNCH_INPUTS, first_pick, log_grid, picked_range, plan_study, range_input
 
 SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 16},
          "lr": {"type": "float", "low": 0.005, "high": 0.02, "log": True}}
