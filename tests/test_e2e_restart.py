@@ -357,7 +357,8 @@ def test_a_tuning_study_outlives_a_killed_server_and_the_next_server_shows_it_fi
 # -- a fresh server's concurrent first sessions -----------------------------------------------------
 RACE = """
 import threading
-from lstm_core.plots import curves_figure        # what pages/train.py imports before drawing
+import app                                        # what every page imports (through app.pagekit) before drawing
+from lstm_core.plots import curves_figure
 
 EPOCHS = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "train_accuracy": 0.5, "val_accuracy": 0.5}
           for e in range(1, 4)]
@@ -385,7 +386,8 @@ print(errors)
 def test_a_figure_drawn_while_another_session_imports_pandas_does_not_fail():
     """After a restart, every open tab reconnects at once: one session's page imports pandas while another
     draws its curves. Plotly took the half-imported pandas from sys.modules and the Train page failed
-    ("partially initialized module 'pandas' has no attribute 'Series'")."""
+    ("partially initialized module 'pandas' has no attribute 'Series'"). The view package imports pandas
+    whole before any page draws."""
     for _ in range(3):
         result = subprocess.run([sys.executable, "-c", RACE], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
