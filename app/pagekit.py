@@ -135,6 +135,17 @@ def run_eval(path: str | Path) -> dict | None:
         return None
 
 
+def report_button(make: Callable[..., str], source: Any, file_name: str, key: str) -> None:
+    """Download report: the one-file HTML report `make` (lstm_core.report's run_report or study_report) writes
+    of `source`, built only when clicked: it holds plotly.js (several MB), too much to build at every rerun."""
+    def data() -> bytes:
+        from lstm_core.data import load_mnist        # the images of the most confident mistakes
+        return make(source, lambda: load_mnist().test_images.numpy()).encode()
+
+    st.download_button("Download report", data, file_name=file_name, mime="text/html", key=key, on_click="ignore",
+                       icon=":material/summarize:", help="one HTML file that opens offline in any browser")
+
+
 def open_on_train(run_dir: str) -> None:
     """Switch to the Train page with this run's (or trial's) config in its form."""
     config = run_at(run_dir).config().to_dict()

@@ -14,9 +14,8 @@ import optuna
 from lstm_core.jobs import study_running
 from lstm_core.runs import RunError, saves_root, study_dir
 from lstm_core.storage import default_storage
-from lstm_core.tune import state_counts, study_summaries, trial_rows
+from lstm_core.tune import TARGET, state_counts, study_summaries, trial_rows
 
-TARGET = "val accuracy"     # what every trial's value is (the best validation accuracy of its epochs)
 
 
 def storage_studies(url: str) -> list[dict]:

@@ -1,8 +1,9 @@
-"""The command line: `python -m lstm_core {train,evaluate,export,runs,tune}`.
+"""The command line: `python -m lstm_core {train,evaluate,export,report,runs,tune}`.
 
     python -m lstm_core train --preset default --epochs 3 --json
     python -m lstm_core evaluate saves/runs/20261123-153412-a1b2c3
     python -m lstm_core export 20261123-153412-a1b2c3 --format onnx
+    python -m lstm_core report 20261123-153412-a1b2c3 -o run.html
     python -m lstm_core runs
 """
 from __future__ import annotations
@@ -96,6 +97,16 @@ def build_parser() -> Parser:
                         "as model.onnx or model.ts.pt)")
     export.add_argument("--saves", metavar="DIR")
     export.add_argument("--json", action="store_true", help="one JSON line instead of the path")
+
+    report = sub.add_parser("report", help="one self-contained HTML file of a run or a study, for people (opens "
+                            "offline in any browser)")
+    report.add_argument("path", nargs="?", metavar="RUN", help="a run directory or run id")
+    report.add_argument("--study", help="a study's report instead: every Optuna plot, the trials, the best trial")
+    report.add_argument("--storage", help="the study's storage (default: sqlite:///SAVES/optuna.db)")
+    report.add_argument("-o", "--output", metavar="FILE", help="file or folder to write (default: report.html in "
+                        "the run's folder, or the study's)")
+    report.add_argument("--saves", metavar="DIR")
+    report.add_argument("--data-dir", metavar="DIR", help="MNIST, for the images of the most confident mistakes")
 
     tune = sub.add_parser("tune", help="an Optuna study over the hyperparameters (resumes an existing one)")
     tune.add_argument("--study", required=True, help="study name (letters, digits, '.', '_', '-')")
@@ -308,6 +319,38 @@ def command_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_report(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .report import run_report, study_report, write_report
+    from .runs import check_saves, open_run, output_file, run_at, study_dir
+
+    if (args.path is None) == (args.study is None):
+        raise UsageError("name a run (its id or folder) or a study (--study NAME), one of them")
+    check_saves(args.saves, write=False)
+
+    def test_images():
+        return load_mnist(args.data_dir).test_images.numpy()
+
+    if args.study:
+        import optuna
+        from .storage import default_storage, make_storage
+
+        storage = args.storage or default_storage(args.saves)
+        try:
+            study = optuna.load_study(study_name=args.study, storage=make_storage(storage, heartbeat=False))
+        except KeyError:
+            raise UsageError(f"no study {args.study!r} in {storage}") from None
+        text, default = study_report(study, test_images), study_dir(args.study, args.saves) / "report.html"
+    else:
+        path = Path(args.path)
+        run = run_at(path) if path.is_dir() else open_run(args.path, args.saves)
+        text, default = run_report(run, test_images), run.path / "report.html"
+    output = output_file(args.output, default)
+    write_report(text, output)
+    print(output)
+    return 0
+
+
 def command_runs(args: argparse.Namespace) -> int:
     from .runs import check_saves, format_seconds, list_runs, to_json
 
@@ -443,8 +486,8 @@ def available_memory() -> float | None:
     return None
 
 
-COMMANDS = {"train": command_train, "evaluate": command_evaluate, "export": command_export, "runs": command_runs,
-            "tune": command_tune}
+COMMANDS = {"train": command_train, "evaluate": command_evaluate, "export": command_export, "report": command_report,
+            "runs": command_runs, "tune": command_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

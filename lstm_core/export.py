@@ -24,7 +24,6 @@ import copy
 import importlib
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from torch import nn
 from .checkpoints import load_model
 from .config import TrainConfig
 from .data import normalize, pixel_permutation
-from .runs import Run, RunError, atomic_write_bytes
+from .runs import Run, RunError, atomic_write_bytes, output_file
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}     # format -> file suffix (a run's file: model + suffix)
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -175,20 +174,6 @@ def export_run(path: str | Path, fmt: str, output: str | Path | None = None) -> 
     if path.is_dir() and not Run(path).best_path.exists():
         state = Run(path).status().get("state", "unknown")
         raise RunError(f"run {path.name} has no weights to export yet (no best.pt; it is {state})")
-    if output is None:
-        output = (path if path.is_dir() else path.parent) / default
-    # Path() drops a trailing separator, which is how a person says "a folder" (`--output exports/`)
-    folder = str(output).endswith(tuple(filter(None, (os.sep, os.altsep))))
-    output = Path(output)
-    if output.exists() and not output.is_dir() and folder:
-        raise RunError(f"cannot write into {output}: it is a file, not a folder")
-    if output.is_dir() or folder:
-        output = output / default
-    if not output.parent.is_dir() and not folder:
-        raise RunError(f"cannot write {output}: there is no folder {output.parent}")
     model, config = load_model(path)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"cannot make the folder {output.parent}: {exc.strerror or type(exc).__name__}") from None
+    output = output_file(output, (path if path.is_dir() else path.parent) / default)
     return export_model(model, config, output, fmt)

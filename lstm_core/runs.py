@@ -127,6 +127,26 @@ def write_error(exc: OSError, path: Path) -> WriteError:
     return WriteError(exc.errno, exc.strerror or str(exc), str(path))
 
 
+def output_file(output: str | Path | None, default: Path) -> Path:
+    """Where to write a file a person asked for with --output: `default` without one (its folder made when
+    missing); a folder (one that exists, or any path ending in a separator, made when missing) gets default's
+    name inside it. RunError for a file given as a folder, a missing folder, or a folder that cannot be made."""
+    # Path() drops a trailing separator, which is how a person says "a folder" (`--output exports/`)
+    folder = output is None or str(output).endswith(tuple(filter(None, (os.sep, os.altsep))))
+    output = Path(default.parent if output is None else output)
+    if output.exists() and not output.is_dir() and folder:
+        raise RunError(f"cannot write into {output}: it is a file, not a folder")
+    if output.is_dir() or folder:
+        output = output / default.name
+    if not output.parent.is_dir() and not folder:
+        raise RunError(f"cannot write {output}: there is no folder {output.parent}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"cannot make the folder {output.parent}: {exc.strerror or type(exc).__name__}") from None
+    return output
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`: readers see the
     old file or the new one, never a torn one. WriteError when it cannot be written."""

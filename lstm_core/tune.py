@@ -196,6 +196,7 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+TARGET = "val accuracy"        # what a person calls every trial's value (the best validation accuracy of its epochs)
 METRIC_NAME = "val_accuracy"  # what the objective returns, named in the study for every Optuna tool
 
 

@@ -9,8 +9,10 @@ from lstm_core.config import sequence_length
 from lstm_core.data import DataUnavailable, load_mnist
 from lstm_core.plots import (confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure,
                              step_gradient_figure)
-from lstm_core.runs import list_runs, list_trials
-from app.pagekit import confusion, leave_legacy_navigation, metric_row, remember, restore, run_eval, saved
+from lstm_core.report import run_report
+from lstm_core.runs import list_runs, list_trials, run_at
+from app.pagekit import (confusion, leave_legacy_navigation, metric_row, remember, report_button, restore, run_eval,
+                         saved)
 from app.runview import environment_text, eval_metrics, evaluated_label, gradient_records, run_environment
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
@@ -59,6 +61,7 @@ def one_run(rows: dict[str, dict]) -> None:
     run_id = pick("Run or trial", "eval_run", rows)
     result = run_eval(rows[run_id]["path"])
     metric_row(eval_metrics(result))
+    report_button(run_report, run_at(rows[run_id]["path"]), f"{run_id}.html", "eval_report")
     left, right = st.columns(2, gap="medium")
     with left:
         confusion(result["confusion_matrix"], "eval_normalize", "eval_cm", help="each true digit's row sums to 100%")

@@ -16,11 +16,12 @@ import streamlit as st
 from lstm_core.config import ConfigError
 from lstm_core.jobs import request_study_stop, running_studies, study_workers
 from lstm_core.plots import STUDY_PLOTS, per_class_figure, study_figure
+from lstm_core.report import study_report
 from lstm_core.runs import RunError
 from lstm_core.storage import default_storage, make_storage
 from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, trial_rows, trials_csv
 from app.pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, open_on_train, remember,
-                         rerun_when_ended, restore, run_eval)
+                         report_button, rerun_when_ended, restore, run_eval)
 from app.runview import eval_metrics
 from app.studyview import (TARGET, Plottable, absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
                            first_trial, load_study, plottable, storage_studies, study_labels, study_metrics,
@@ -147,8 +148,10 @@ def trial_table(study: optuna.Study) -> None:
     st.markdown("**Trials**")
     st.dataframe(frame, hide_index=True, column_order=[c for c in frame.columns if c != "run_dir"],
                  column_config=config, key="tune_table")
-    st.download_button("Download CSV", trials_csv(study), file_name=f"{study.study_name}-trials.csv",
-                       mime="text/csv", icon=":material/download:", on_click="ignore")
+    with st.container(horizontal=True):
+        st.download_button("Download CSV", trials_csv(study), file_name=f"{study.study_name}-trials.csv",
+                           mime="text/csv", icon=":material/download:", on_click="ignore")
+        report_button(study_report, study, f"{study.study_name}-report.html", "tune_report")
 
 
 def study_header(name: str, live: bool) -> None:

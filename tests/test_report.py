@@ -1,0 +1,126 @@
+"""One-file HTML reports (lstm_core/report.py, `python -m lstm_core report`): a real run's and a real
+study's, self-contained (plotly.js once, no outside resource), with what each must show; bad requests in one
+line; and every figure of a report drawn by Chromium with the network cut off."""
+import re
+import shutil
+
+import pytest
+from plotly.offline import get_plotlyjs
+from streamlit.testing.v1 import AppTest
+
+from conftest import REPO, tiny_config
+from lstm_core.__main__ import main
+from lstm_core.runs import list_runs, read_json
+from lstm_core.storage import default_storage
+from lstm_core.tune import run_worker
+
+SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 32}}
+PLOTLY_HEAD = get_plotlyjs()[:300]        # plotly.js's licence header: once per report, not per figure
+
+
+def report(capsys, *args) -> tuple[int, str, str]:
+    code = main(["report", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out.strip(), err.strip()
+
+
+def figures(text: str) -> int:
+    return text.count("Plotly.newPlot(")
+
+
+def self_contained(text: str) -> str:
+    """The report without its copy of plotly.js, after checking that it has exactly one and loads nothing."""
+    assert text.count(PLOTLY_HEAD) == 1
+    ours = text.replace(get_plotlyjs(), "")      # (plotly.js's own source has its logo's link in it)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", ours), "a report must load nothing from outside"
+    return ours
+
+
+@pytest.fixture(scope="module")
+def study_saves(tmp_path_factory):
+    """A saves root with a real two-trial study in its default SQLite storage."""
+    root = tmp_path_factory.mktemp("report") / "saves"
+    run_worker("rep", 2, tiny_config(limit_train=1000, val_size=500, batch_size=100), default_storage(root), SPACE,
+               pruner="none", root=root, seed=0)
+    return root
+
+
+def test_a_run_report_shows_its_config_curves_gradients_results_and_mistakes(trained_saves, tmp_path, capsys):
+    (row,) = list_runs(trained_saves)
+    out = tmp_path / "run.html"
+    code, printed, err = report(capsys, row["id"], "--saves", trained_saves, "-o", out)
+    assert (code, printed, err) == (0, str(out), "")
+    text = self_contained(out.read_text())
+    evaluation = read_json(trained_saves / "runs" / row["id"] / "eval.json")
+    # curves, gradient health, the gradient over time, the confusion matrix, per-class metrics
+    assert figures(text) == 5
+    assert f"Run {row['id']}" in text and "hidden_size" in text and "Most confident mistakes" in text
+    assert f"{evaluation['test_accuracy']:.4g}" in text
+    shown = min(12, len(evaluation["misclassified"]))
+    assert text.count("data:image/png;base64,") == shown > 0
+
+
+def test_a_run_report_goes_beside_the_run_by_default_and_into_a_folder_given_with_a_separator(
+        trained_saves, tmp_path, capsys):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_saves / "runs" / list_runs(trained_saves)[0]["id"], run)
+    assert report(capsys, run)[:2] == (0, str(run / "report.html"))
+    assert report(capsys, run, "-o", f"{tmp_path / 'new'}/")[:2] == (0, str(tmp_path / "new" / "report.html"))
+    assert (run / "report.html").stat().st_size == (tmp_path / "new" / "report.html").stat().st_size
+
+
+def test_a_study_report_shows_every_optuna_plot_the_trials_and_the_best_trial(study_saves, tmp_path, capsys):
+    out = tmp_path / "study.html"
+    code, printed, err = report(capsys, "--study", "rep", "--saves", study_saves, "-o", out)
+    assert (code, printed, err) == (0, str(out), "")
+    text = self_contained(out.read_text())
+    # history, intermediate values, contour, importances, parallel, slice; then the best trial's five
+    assert figures(text) == 6 + 5
+    assert "Study rep" in text and "Best trial:" in text and "<table>" in text
+
+
+def test_bad_requests_are_one_line(trained_saves, study_saves, tmp_path, capsys):
+    run_id = list_runs(trained_saves)[0]["id"]
+    cases = [((), "name a run (its id or folder) or a study (--study NAME), one of them"),
+             ((run_id, "--study", "rep"), "name a run (its id or folder) or a study (--study NAME), one of them"),
+             (("--study", "absent", "--saves", study_saves), f"no study 'absent' in {default_storage(study_saves)}"),
+             (("no-such-run", "--saves", trained_saves), "no run 'no-such-run'")]
+    for args, message in cases:
+        code, out, err = report(capsys, *args)
+        assert code == 2 and out == "" and err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained_saves / "runs" / run_id, damaged)
+    (damaged / "config.json").write_text('{"arch": "lstm", "hidden')
+    code, out, err = report(capsys, damaged)
+    assert code == 2 and err == "error: run damaged is damaged: config.json: not JSON (line 1 column 18)", err
+    assert not (damaged / "report.html").exists()
+
+
+@pytest.mark.browser
+def test_chromium_draws_every_figure_of_a_report_with_the_network_cut_off(trained_saves, tmp_path, capsys, page):
+    out = tmp_path / "run.html"
+    assert report(capsys, list_runs(trained_saves)[0]["id"], "--saves", trained_saves, "-o", out)[0] == 0
+    asked = []
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+               else (asked.append(route.request.url), route.abort()))
+    page.goto(out.as_uri())
+    page.wait_for_function("document.querySelectorAll('.js-plotly-plot .main-svg').length >= 5", timeout=60_000)
+    assert page.evaluate("document.querySelectorAll('.js-plotly-plot').length") == 5
+    assert page.evaluate("document.querySelectorAll('img').length") > 0 and asked == []
+
+
+def download_buttons(at) -> dict:
+    assert not at.exception, [e.value for e in at.exception]
+    return {b.label: b.proto for b in at.get("download_button")}
+
+
+def test_the_evaluate_and_tuning_pages_offer_the_report_written_when_clicked(trained_saves, study_saves,
+                                                                            monkeypatch):
+    monkeypatch.setenv("LSTM_SAVES", str(trained_saves))
+    at = AppTest.from_file(str(REPO / "pages" / "evaluate.py"), default_timeout=120).run()
+    button = download_buttons(at)["Download report"]
+    assert button.deferred_file_id and not button.url        # built on the click, not at every rerun
+    monkeypatch.setenv("LSTM_SAVES", str(study_saves))
+    at = AppTest.from_file(str(REPO / "pages" / "tuning.py"), default_timeout=120).run()
+    buttons = download_buttons(at)
+    assert buttons["Download report"].deferred_file_id and "Download CSV" in buttons
