@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,28 @@ def saves(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("LSTM_SAVES", str(root))
     yield root
     stop_live_runs(root)
+
+
+@pytest.fixture
+def cli(saves, tmp_path, capsys, monkeypatch):
+    """`python -m lstm_core ARGS` in this process (torch is imported already), from tmp_path (where relative
+    paths land), reading $LSTM_SAVES = `saves`: returns (exit status, stderr, stdout).
+    cli.dashboard(ARGS) is `python -m lstm_core.dashboard ARGS`'s."""
+    from lstm_core import dashboard
+    from lstm_core.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def run(*args, entry=main):
+        code = entry([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, err, out
+
+    run.dashboard = lambda *args: run(*args, entry=dashboard.main)
+    yield run
+    for sig, handler in handlers.items():   # train and tune take over SIGTERM and SIGINT: give them back
+        signal.signal(sig, handler)
 
 
 def tiny_config(**changes) -> TrainConfig:

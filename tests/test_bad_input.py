@@ -22,7 +22,6 @@ with a single stderr line.
 """
 import os
 import pickle
-import signal
 import struct
 import subprocess
 import sys
@@ -36,7 +35,6 @@ from PIL import ImageFile
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config
-from lstm_core.__main__ import main
 from lstm_core.checkpoints import CHECKPOINT_FORMAT, load_model
 from lstm_core.config import ConfigError, TrainConfig
 from lstm_core.jobs import request_study_stop
@@ -48,23 +46,6 @@ from lstm_core.tune import open_study, study_summaries
 from test_preprocess import png
 
 UNREACHABLE_SERVER = "postgresql+psycopg2://nobody@127.0.0.1:9/none"   # port 9 (discard): nothing listens
-
-
-@pytest.fixture
-def cli(saves, tmp_path, capsys, monkeypatch):
-    """`python -m lstm_core ARGS` in this process, from tmp_path (where relative paths land), reading
-    $LSTM_SAVES = `saves`: returns (exit status, stderr, stdout)."""
-    monkeypatch.chdir(tmp_path)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def run(*args):
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, err, out
-
-    yield run
-    for sig, handler in handlers.items():   # train and tune take over SIGTERM and SIGINT: give them back
-        signal.signal(sig, handler)
 
 
 def refused(result, message: str) -> None:

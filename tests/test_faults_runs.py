@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,6 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from conftest import DATA_DIR, REPO, StopAt, tiny_config, wait_until
-from lstm_core.__main__ import main
 from lstm_core.checkpoints import load_checkpoint, load_model
 from lstm_core.jobs import request_stop
 from lstm_core.recorder import RunRecorder
@@ -94,20 +92,12 @@ def cli(*args, cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedPr
 
 
 @pytest.fixture
-def main_cli(capsys, monkeypatch):
-    """`python -m lstm_core ARGS` in this process (quicker: torch is imported already), from `cwd`; the
-    commands that take over SIGTERM and SIGINT give them back afterwards."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def run(*args, cwd: Path = REPO) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        code = main([str(a) for a in args])
-        out, err = capsys.readouterr()
+def main_cli(cli):
+    """conftest's in-process `cli` (from tmp_path), its result as a CompletedProcess for one_error_line."""
+    def run(*args) -> subprocess.CompletedProcess:
+        code, err, out = cli(*args)
         return subprocess.CompletedProcess(args, code, out, err)
-
-    yield run
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+    return run
 
 
 def one_error_line(result: subprocess.CompletedProcess, code: int) -> str:
@@ -391,8 +381,7 @@ def test_the_json_writers_write_null_for_nan_and_infinity(tmp_path):
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")    # torch's, about itself
 def test_export_output_ending_in_a_separator_is_a_folder_made_for_it(trained_saves, tmp_path, main_cli):
     row = next(r for r in list_runs(trained_saves) if r["state"] == "completed")
-    result = main_cli("export", row["path"], "--format", "torchscript", "--output", "some/missing/folder/",
-                      cwd=tmp_path)
+    result = main_cli("export", row["path"], "--format", "torchscript", "--output", "some/missing/folder/")
     assert result.returncode == 0, result.stderr
     written = tmp_path / "some" / "missing" / "folder" / "model.ts.pt"
     assert (tmp_path / result.stdout.strip()).resolve() == written.resolve()
@@ -402,8 +391,7 @@ def test_export_output_ending_in_a_separator_is_a_folder_made_for_it(trained_sav
     assert main_cli("export", row["path"], "--format", "torchscript", "--output", existing).returncode == 0
     assert (existing / "model.ts.pt").is_file()
     (tmp_path / "plain").write_text("a file")
-    line = one_error_line(main_cli("export", row["path"], "--format", "torchscript", "--output", "plain/",
-                                   cwd=tmp_path), 2)
+    line = one_error_line(main_cli("export", row["path"], "--format", "torchscript", "--output", "plain/"), 2)
     assert line == "cannot write into plain: it is a file, not a folder"
     assert (tmp_path / "plain").read_text() == "a file"
 

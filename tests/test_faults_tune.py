@@ -14,7 +14,6 @@
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +26,6 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import DATA_DIR, REPO, wait_until
 from lstm_core import dashboard
-from lstm_core.__main__ import main
 from lstm_core.config import ConfigError, preset, read_mapping
 from lstm_core.storage import make_storage
 from lstm_core.tune import DEFAULT_SPACE, SpaceError, check_space, quiet_storage_failures_in_threads
@@ -37,25 +35,6 @@ from app.tuneform import LAUNCH, plan_study
 SMALL = ["--limit-train", "1000", "--val-size", "500", "--epochs", "2", "--batch-size", "100",
          "--aug-rotate", "0", "--aug-translate", "0", "--aug-scale", "0"]
 SPACE = {"lr": {"type": "float", "low": 3e-3, "high": 3e-2, "log": True}}
-
-
-@pytest.fixture
-def cli(saves, tmp_path, capsys, monkeypatch):
-    """`python -m lstm_core ARGS` in this process over `saves`: returns (exit status, stderr, stdout).
-    cli.dashboard(ARGS) is `python -m lstm_core.dashboard ARGS`'s."""
-    monkeypatch.chdir(tmp_path)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def run(*args, entry=main):
-        code = entry([str(a) for a in args])
-        out, err = capsys.readouterr()
-        return code, err, out
-
-    run.dashboard = lambda *args: run(*args, entry=dashboard.main)
-
-    yield run
-    for sig, handler in handlers.items():   # tune takes over SIGTERM and SIGINT: give them back
-        signal.signal(sig, handler)
 
 
 def one_line(code: int, err: str, status: int = 2) -> str:

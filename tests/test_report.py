@@ -9,7 +9,6 @@ from plotly.offline import get_plotlyjs
 from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config
-from lstm_core.__main__ import main
 from lstm_core.runs import list_runs, read_json
 from lstm_core.storage import default_storage
 from lstm_core.tune import run_worker
@@ -18,9 +17,8 @@ SPACE = {"hidden_size": {"type": "int", "low": 8, "high": 32}}
 PLOTLY_HEAD = get_plotlyjs()[:300]        # plotly.js's licence header: once per report, not per figure
 
 
-def report(capsys, *args) -> tuple[int, str, str]:
-    code = main(["report", *map(str, args)])
-    out, err = capsys.readouterr()
+def report(cli, *args) -> tuple[int, str, str]:
+    code, err, out = cli("report", *args)
     return code, out.strip(), err.strip()
 
 
@@ -45,10 +43,10 @@ def study_saves(tmp_path_factory):
     return root
 
 
-def test_a_run_report_shows_its_config_curves_gradients_results_and_mistakes(trained_saves, tmp_path, capsys):
+def test_a_run_report_shows_its_config_curves_gradients_results_and_mistakes(trained_saves, tmp_path, cli):
     (row,) = list_runs(trained_saves)
     out = tmp_path / "run.html"
-    code, printed, err = report(capsys, row["id"], "--saves", trained_saves, "-o", out)
+    code, printed, err = report(cli, row["id"], "--saves", trained_saves, "-o", out)
     assert (code, printed, err) == (0, str(out), "")
     text = self_contained(out.read_text())
     evaluation = read_json(trained_saves / "runs" / row["id"] / "eval.json")
@@ -61,17 +59,17 @@ def test_a_run_report_shows_its_config_curves_gradients_results_and_mistakes(tra
 
 
 def test_a_run_report_goes_beside_the_run_by_default_and_into_a_folder_given_with_a_separator(
-        trained_saves, tmp_path, capsys):
+        trained_saves, tmp_path, cli):
     run = tmp_path / "copy"
     shutil.copytree(trained_saves / "runs" / list_runs(trained_saves)[0]["id"], run)
-    assert report(capsys, run)[:2] == (0, str(run / "report.html"))
-    assert report(capsys, run, "-o", f"{tmp_path / 'new'}/")[:2] == (0, str(tmp_path / "new" / "report.html"))
+    assert report(cli, run)[:2] == (0, str(run / "report.html"))
+    assert report(cli, run, "-o", f"{tmp_path / 'new'}/")[:2] == (0, str(tmp_path / "new" / "report.html"))
     assert (run / "report.html").stat().st_size == (tmp_path / "new" / "report.html").stat().st_size
 
 
-def test_a_study_report_shows_every_optuna_plot_the_trials_and_the_best_trial(study_saves, tmp_path, capsys):
+def test_a_study_report_shows_every_optuna_plot_the_trials_and_the_best_trial(study_saves, tmp_path, cli):
     out = tmp_path / "study.html"
-    code, printed, err = report(capsys, "--study", "rep", "--saves", study_saves, "-o", out)
+    code, printed, err = report(cli, "--study", "rep", "--saves", study_saves, "-o", out)
     assert (code, printed, err) == (0, str(out), "")
     text = self_contained(out.read_text())
     # history, intermediate values, contour, importances, parallel, slice; then the best trial's five
@@ -79,27 +77,27 @@ def test_a_study_report_shows_every_optuna_plot_the_trials_and_the_best_trial(st
     assert "Study rep" in text and "Best trial:" in text and "<table>" in text
 
 
-def test_bad_requests_are_one_line(trained_saves, study_saves, tmp_path, capsys):
+def test_bad_requests_are_one_line(trained_saves, study_saves, tmp_path, cli):
     run_id = list_runs(trained_saves)[0]["id"]
     cases = [((), "name a run (its id or folder) or a study (--study NAME), one of them"),
              ((run_id, "--study", "rep"), "name a run (its id or folder) or a study (--study NAME), one of them"),
              (("--study", "absent", "--saves", study_saves), f"no study 'absent' in {default_storage(study_saves)}"),
              (("no-such-run", "--saves", trained_saves), "no run 'no-such-run'")]
     for args, message in cases:
-        code, out, err = report(capsys, *args)
+        code, out, err = report(cli, *args)
         assert code == 2 and out == "" and err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
     damaged = tmp_path / "damaged"
     shutil.copytree(trained_saves / "runs" / run_id, damaged)
     (damaged / "config.json").write_text('{"arch": "lstm", "hidden')
-    code, out, err = report(capsys, damaged)
+    code, out, err = report(cli, damaged)
     assert code == 2 and err == "error: run damaged is damaged: config.json: not JSON (line 1 column 18)", err
     assert not (damaged / "report.html").exists()
 
 
 @pytest.mark.browser
-def test_chromium_draws_every_figure_of_a_report_with_the_network_cut_off(trained_saves, tmp_path, capsys, page):
+def test_chromium_draws_every_figure_of_a_report_with_the_network_cut_off(trained_saves, tmp_path, cli, page):
     out = tmp_path / "run.html"
-    assert report(capsys, list_runs(trained_saves)[0]["id"], "--saves", trained_saves, "-o", out)[0] == 0
+    assert report(cli, list_runs(trained_saves)[0]["id"], "--saves", trained_saves, "-o", out)[0] == 0
     asked = []
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
                else (asked.append(route.request.url), route.abort()))
