@@ -33,7 +33,7 @@ $(VENV_FLOOR)/.installed: pyproject.toml
 	rm -rf $(VENV_FLOOR)
 	$(PYTHON) -m venv $(VENV_FLOOR)
 	$(PYTHON) -c 'import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-		extras = p["optional-dependencies"]; deps = p["dependencies"] + extras["postgres"] + extras["export"] + extras["dashboard"]; \
+		extras = p["optional-dependencies"]; deps = p["dependencies"] + extras["postgres"] + extras["export"] + extras["dashboard"] + extras["s3"]; \
 		print("\n".join(re.sub(r">=([^,;]+).*", r"==\1", d) for d in deps if not d.startswith("torchvision")))' \
 		> $(VENV_FLOOR)/floors.txt
 	$(VENV_FLOOR)/bin/python -m pip install --quiet -r $(VENV_FLOOR)/floors.txt pytest

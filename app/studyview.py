@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 
 from lstm_core.jobs import study_running
-from lstm_core.runs import RunError, saves_root, study_dir
+from lstm_core.runs import TRIAL_FOLDERS, RunError, saves_root, study_dir
 from lstm_core.storage import default_storage
 from lstm_core.tune import TARGET, state_counts, study_summaries, trial_rows
 
@@ -143,7 +143,7 @@ def draw_id(run_dir: str) -> str | None:
     """The id the Draw page knows a trial's model by, None for one it cannot load (saved outside this
     saves root, or without its best.pt)."""
     path = Path(run_dir)
-    local = path.parent.parent == saves_root() / "studies" and (path / "best.pt").is_file()
+    local = path.parent.parent in [saves_root() / f for f in TRIAL_FOLDERS] and (path / "best.pt").is_file()
     return f"{path.parent.name}/{path.name}" if local else None
 
 

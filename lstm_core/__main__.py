@@ -4,6 +4,7 @@
     python -m lstm_core evaluate saves/runs/20261123-153412-a1b2c3
     python -m lstm_core export 20261123-153412-a1b2c3 --format onnx
     python -m lstm_core report 20261123-153412-a1b2c3 -o run.html
+    python -m lstm_core evaluate --study lstm-search --trial 12 --storage postgresql://host/db
     python -m lstm_core runs
 """
 from __future__ import annotations
@@ -67,6 +68,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+def add_trial_flags(parser: argparse.ArgumentParser, study_help: str = "a tuning trial instead of a run: its "
+                    "study's name (with --trial N)") -> None:
+    """--study NAME --trial N [--storage URL] [--artifacts STORE]: a trial of a study, opened from its folder
+    where this machine has it, else from the study's artifact store (artifacts.trial_run)."""
+    parser.add_argument("--study", help=study_help)
+    parser.add_argument("--trial", type=int, metavar="N", help="the trial's number in the study")
+    parser.add_argument("--storage", help="the study's storage (default: sqlite:///SAVES/optuna.db)")
+    parser.add_argument("--artifacts", metavar="STORE", help="the artifact store to download the trial from "
+                        "(default: the one the study records; name it where this machine reaches it another way)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="python -m lstm_core", description="Train, evaluate and list LSTM MNIST classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -84,14 +96,16 @@ def build_parser() -> Parser:
     train.add_argument("--device-lock", metavar="DEVICE:FD", help=argparse.SUPPRESS)  # taken by jobs.launch_training
     add_config_flags(train)
 
-    evaluate = sub.add_parser("evaluate", help="test-set metrics of a run or checkpoint, as JSON")
-    evaluate.add_argument("path", help="a run directory, run id, or checkpoint file (.pt)")
+    evaluate = sub.add_parser("evaluate", help="test-set metrics of a run, trial or checkpoint, as JSON")
+    evaluate.add_argument("path", nargs="?", help="a run directory, run id, or checkpoint file (.pt)")
+    add_trial_flags(evaluate)
     evaluate.add_argument("--saves", metavar="DIR")
     evaluate.add_argument("--data-dir", metavar="DIR")
     evaluate.add_argument("--device", default="auto")
 
     export = sub.add_parser("export", help="a run's model as one ONNX or TorchScript file that takes images")
-    export.add_argument("path", help="a run directory, run id, or checkpoint file (.pt)")
+    export.add_argument("path", nargs="?", help="a run directory, run id, or checkpoint file (.pt)")
+    add_trial_flags(export)
     export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     export.add_argument("--output", metavar="PATH", help="file or folder to write (default: the run directory, "
                         "as model.onnx or model.ts.pt)")
@@ -101,8 +115,8 @@ def build_parser() -> Parser:
     report = sub.add_parser("report", help="one self-contained HTML file of a run or a study, for people (opens "
                             "offline in any browser)")
     report.add_argument("path", nargs="?", metavar="RUN", help="a run directory or run id")
-    report.add_argument("--study", help="a study's report instead: every Optuna plot, the trials, the best trial")
-    report.add_argument("--storage", help="the study's storage (default: sqlite:///SAVES/optuna.db)")
+    add_trial_flags(report, "a study's report instead (every Optuna plot, the trials, the best trial), or with "
+                    "--trial N its trial's")
     report.add_argument("-o", "--output", metavar="FILE", help="file or folder to write (default: report.html in "
                         "the run's folder, or the study's)")
     report.add_argument("--saves", metavar="DIR")
@@ -116,6 +130,9 @@ def build_parser() -> Parser:
                       "one per GPU when the device is auto and there are several, else 1)")
     tune.add_argument("--storage", help="Optuna storage: a database URL (default: sqlite:///SAVES/optuna.db) or "
                                         "journal:PATH, Optuna's journal file")
+    tune.add_argument("--artifacts", metavar="STORE", help="also upload every trial's results to this artifact "
+                      "store, a folder or s3://BUCKET[/PREFIX] (endpoint and credentials from boto3's configuration, "
+                      "e.g. AWS_ENDPOINT_URL), so that any machine sharing the study can open any trial")
     tune.add_argument("--sampler", default="tpe", choices=["tpe", "random", "cmaes", "gp"])
     tune.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
     tune.add_argument("--space", metavar="FILE", help="JSON or TOML search space (default: the built-in one)")
@@ -293,9 +310,15 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def weights_path(args: argparse.Namespace) -> Path:
-    """The run directory or checkpoint file that `path` (a directory, run id or file) names."""
+    """The run directory or checkpoint file that `path` (a directory, run id or file) names, or the run folder
+    of the trial that --study and --trial name."""
     from .runs import RunError, check_saves, open_run, run_at
 
+    if args.study is not None or args.trial is not None or args.path is None:
+        if args.path is not None or args.study is None or args.trial is None:
+            raise UsageError("name a run (its id, folder or checkpoint file) or a trial (--study NAME --trial N), "
+                             "one of them")
+        return study_trial(args).path
     path = Path(args.path)
     if not path.is_file():
         if not path.is_dir() and (path.suffix in (".pt", ".pth") or path.is_absolute()):
@@ -324,23 +347,21 @@ def command_report(args: argparse.Namespace) -> int:
     from .report import run_report, study_report, write_report
     from .runs import check_saves, open_run, output_file, run_at, study_dir
 
-    if (args.path is None) == (args.study is None):
-        raise UsageError("name a run (its id or folder) or a study (--study NAME), one of them")
+    if (args.path is None) == (args.study is None) or (args.trial is not None and args.study is None):
+        raise UsageError("name a run (its id or folder), a study (--study NAME) or a trial (--study NAME --trial N), "
+                         "one of them")
     check_saves(args.saves, write=False)
 
     def test_images():
         return load_mnist(args.data_dir).test_images.numpy()
 
-    if args.study:
-        import optuna
-        from .storage import default_storage, make_storage
-
-        storage = args.storage or default_storage(args.saves)
-        try:
-            study = optuna.load_study(study_name=args.study, storage=make_storage(storage, heartbeat=False))
-        except KeyError:
-            raise UsageError(f"no study {args.study!r} in {storage}") from None
-        text, default = study_report(study, test_images), study_dir(args.study, args.saves) / "report.html"
+    if args.trial is not None:
+        run = study_trial(args)
+        text, default = run_report(run, test_images), run.path / "report.html"
+    elif args.study:
+        study = load_study_of(args)
+        text = study_report(study, test_images, args.artifacts, args.saves)
+        default = study_dir(args.study, args.saves) / "report.html"
     else:
         path = Path(args.path)
         run = run_at(path) if path.is_dir() else open_run(args.path, args.saves)
@@ -349,6 +370,26 @@ def command_report(args: argparse.Namespace) -> int:
     write_report(text, output)
     print(output)
     return 0
+
+
+def load_study_of(args: argparse.Namespace):
+    """The study --study names in --storage (default: the saves root's)."""
+    import optuna
+    from .storage import default_storage, make_storage
+
+    storage = args.storage or default_storage(args.saves)
+    try:
+        return optuna.load_study(study_name=args.study, storage=make_storage(storage, heartbeat=False))
+    except KeyError:
+        raise UsageError(f"no study {args.study!r} in {storage}") from None
+
+
+def study_trial(args: argparse.Namespace):
+    """The run folder of trial --trial of study --study: its own on this machine, else downloaded from the
+    artifact store (--artifacts, else the study's) into SAVES/cache/."""
+    from .artifacts import trial_run
+
+    return trial_run(load_study_of(args), args.trial, args.artifacts, args.saves)
 
 
 def command_runs(args: argparse.Namespace) -> int:
@@ -378,6 +419,7 @@ def command_runs(args: argparse.Namespace) -> int:
 
 
 def command_tune(args: argparse.Namespace) -> int:
+    from .artifacts import check_store, store_spec
     from .jobs import start_workers, training_devices, wait_workers
     from .runs import check_saves, safe_name
     from .storage import REPAIRED, check_writable, default_storage, journal_path, make_storage, repair_journal
@@ -400,6 +442,7 @@ def command_tune(args: argparse.Namespace) -> int:
         raise UsageError(f"the search space searches {', '.join(fixed)}, which {', '.join(flag(f) for f in fixed)} "
                          "would fix: drop the flag, or drop the field from the space (--space FILE)")
     storage = args.storage or default_storage(args.saves)
+    artifacts = store_spec(args.artifacts) if args.artifacts is not None else None
     if not args.worker:                         # (a --workers child: its parent checked all this already)
         check_workers(args.workers, devices, args.force_workers)
         check_saves(args.saves)                 # the default SQLite file and the trials' folders live there
@@ -408,6 +451,8 @@ def command_tune(args: argparse.Namespace) -> int:
             if backup:
                 print(REPAIRED.format(journal=journal_path(storage), backup=backup), flush=True)
         check_writable(make_storage(storage), storage)   # an unreachable, malformed or read-only storage fails here
+        if artifacts:
+            check_store(artifacts)              # so does a store: a missing bucket, a refused write
     if base.num_threads == 0:                   # K workers share the cores instead of fighting over them
         base = base.replace(num_threads=max(1, (os.cpu_count() or 1) // args.workers))
     stop = threading.Event()
@@ -421,7 +466,7 @@ def command_tune(args: argparse.Namespace) -> int:
               flush=True)
     try:
         study, failing = run_worker(args.study, args.trials, base, storage, space, args.timeout, args.sampler,
-                                    args.pruner, args.saves, stop, args.sampler_seed), None
+                                    args.pruner, args.saves, stop, args.sampler_seed, artifacts), None
     except StudyFailing as exc:
         study, failing = None, exc
     failed_children = 0
@@ -450,7 +495,7 @@ def command_tune(args: argparse.Namespace) -> int:
           f"{counts['PRUNED']} pruned, {counts['FAIL']} failed)" +
           (f", best val acc {best.value:.2%} (trial {best.number})" if best else ""), flush=True)
     if args.json:
-        print(json.dumps({"study": args.study, "storage": storage, "counts": counts,
+        print(json.dumps({"study": args.study, "storage": storage, "artifacts": artifacts, "counts": counts,
                           "best_value": best.value if best else None, "best_trial": best.number if best else None,
                           "best_params": best.params if best else None,
                           "best_run_dir": best.user_attrs.get("run_dir") if best else None}))

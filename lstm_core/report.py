@@ -19,7 +19,7 @@ from plotly.offline import get_plotlyjs
 from .config import sequence_length
 from .plots import (STUDY_PLOTS, confusion_figure, curves_figure, gradient_figure, per_class_figure,
                     step_gradient_figure, study_figure)
-from .runs import Run, RunError, atomic_write_bytes, run_at
+from .runs import Run, RunError, atomic_write_bytes
 
 MISTAKES = 12       # the most confident mistakes a run's report shows: what says most about the model
 SCALE = 3           # 28 px digits drawn at 84 px, pixel for pixel
@@ -145,9 +145,11 @@ def run_report(run: Run, mistakes_from: Callable[[], Any] | None = None) -> str:
 
 
 # -- a study -------------------------------------------------------------------------------------
-def study_report(study, mistakes_from: Callable[[], Any] | None = None) -> str:
-    """Every Optuna plot the Tuning page shows, the trial table, and the best trial's results (from its
-    folder, where this machine has it)."""
+def study_report(study, mistakes_from: Callable[[], Any] | None = None, store: str | None = None,
+                 root=None) -> str:
+    """Every Optuna plot the Tuning page shows, the trial table, and the best trial's results: from its folder
+    where this machine has it, else from the study's artifact store (`store` overrides the one it records)."""
+    from .artifacts import trial_run
     from .tune import TARGET, trial_rows
 
     report = Report(f"Study {study.study_name}")
@@ -170,9 +172,11 @@ def study_report(study, mistakes_from: Callable[[], Any] | None = None) -> str:
         return report.html()
     report.heading(f"Best trial: {best.number} ({TARGET} {best.value:.2%})")
     try:
-        run_sections(report, run_at(best.user_attrs["run_dir"]), mistakes_from)
-    except (KeyError, RunError, OSError) as exc:
-        report.note(f"Its results are not on this machine: {exc}")
+        run = trial_run(study, best.number, store, root)
+    except RunError as exc:
+        report.note(f"Its results cannot be opened here: {exc}")
+    else:
+        run_sections(report, run, mistakes_from)
     return report.html()
 
 

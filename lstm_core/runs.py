@@ -499,14 +499,21 @@ def list_runs(root: str | Path | None = None) -> list[dict]:
     return sorted(out, key=lambda r: (when(r), r["id"]), reverse=True)
 
 
+TRIAL_FOLDERS = ("studies", "cache")   # trials run here, and trials of other machines downloaded from a store
+
+
 def list_trials(root: str | Path | None = None) -> list[dict]:
-    """The run directories of every tuning trial (SAVES/studies/<study>/trial_<n>/), as run summaries
-    whose id is "<study>/trial_<n>"."""
-    base = saves_root(root) / "studies"
-    rows = []
-    for path in sorted(base.glob("*/trial_*")) if base.is_dir() else []:
-        if (path / "config.json").exists():
-            rows.append({**summarize(Run(path)), "id": f"{path.parent.name}/{path.name}", "kind": "trial"})
+    """The run directories of every tuning trial, as run summaries whose id is "<study>/trial_<n>": those run
+    here (SAVES/studies/<study>/trial_<n>/), then those downloaded from an artifact store
+    (SAVES/cache/<study>/trial_<n>/, artifacts.trial_run) that did not run here."""
+    rows, seen = [], set()
+    for folder in TRIAL_FOLDERS:
+        base = saves_root(root) / folder
+        for path in sorted(base.glob("*/trial_*")) if base.is_dir() else []:
+            trial_id = f"{path.parent.name}/{path.name}"
+            if trial_id not in seen and (path / "config.json").exists():
+                seen.add(trial_id)
+                rows.append({**summarize(Run(path)), "id": trial_id, "kind": "trial"})
     return rows
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
 import warnings
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 import optuna
 
+from .artifacts import STORE_ATTR, open_store, upload_trial
 from .config import CHOICES, FIELD_TYPES, LSTM_ONLY, ConfigError, TrainConfig, from_dict, read_mapping
 from .jobs import StopRequest, device_lock, training_devices
 from .recorder import RunRecorder
@@ -217,13 +219,16 @@ def finished_trials(study: optuna.Study) -> int:
 
 
 def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | Path | None,
-                  stop: Callable[[], bool], unwritable: list[OSError]) -> Callable[[optuna.Trial], float]:
+                  stop: Callable[[], bool], unwritable: list[OSError],
+                  artifacts: tuple[Any, str] | None = None) -> Callable[[optuna.Trial], float]:
     """suggest -> TrainConfig -> fit with pruning -> best validation accuracy. Each trial trains while it
     holds its device's lock (jobs.device_lock): alone on a GPU, the first free one for `auto`; shared
     with the study's other trials on the CPU; after a run that is using or waiting for the device.
     A trial whose folder cannot be written (a full disk, a folder gone or read-only) fails, stops the
     study and lands in `unwritable`: every trial after it would fail the same way, and run_worker says it
-    in one line rather than as Optuna's logged traceback."""
+    in one line rather than as Optuna's logged traceback. With `artifacts` (an opened store and its name),
+    a trial that ran to its end uploads its results there (artifacts.upload_trial); an upload that fails
+    keeps the trial's value and says so in one line."""
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker_pid", os.getpid())
         pruning = Pruning(trial)
@@ -253,6 +258,11 @@ def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | P
             raise
         if history.test:
             trial.set_user_attr("test_accuracy", history.test["accuracy"])
+        if artifacts is not None:
+            missing = upload_trial(trial, run, *artifacts)
+            if missing:
+                print(f"warning: study {study_name}, trial {trial.number}: its value is kept, but only {missing}",
+                      file=sys.stderr, flush=True)
         if pruning.pruned:
             raise optuna.TrialPruned(f"pruned at epoch {len(history.epochs)}")
         if history.stopped == "cancelled":
@@ -299,10 +309,12 @@ def open_study(name: str, storage: str | optuna.storages.BaseStorage, sampler: s
 def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = None, space: dict | None = None,
                timeout: float | None = None, sampler: str = "tpe", pruner: str = "median",
                root: str | Path | None = None, stop_event: threading.Event | None = None,
-               seed: int | None = None) -> optuna.Study:
+               seed: int | None = None, artifacts: str | None = None) -> optuna.Study:
     """Run trials of study `name` until it has `trials` finished ones (counted across all workers),
     `timeout` seconds pass, or a stop is requested (SIGTERM, the study's STOP file). A storage that stops
-    taking writes meanwhile ends the worker with StudyFailing, naming the storage and the cause."""
+    taking writes meanwhile ends the worker with StudyFailing, naming the storage and the cause. With
+    `artifacts` (a folder or s3://BUCKET[/PREFIX]), every trial's results go to that store too, and the
+    study records it: any machine that shares the study can then open any trial (artifacts.trial_run)."""
     storage = storage or default_storage(root)
     space = check_space(space or DEFAULT_SPACE, base)
     folder = study_dir(name, root)
@@ -311,6 +323,10 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     study = open_study(name, opened, sampler, pruner, seed)
     study.set_user_attr("space", json.loads(json.dumps(space)))
     study.set_user_attr("base_config", base.to_dict())
+    store = None
+    if artifacts:
+        store = (open_store(artifacts, create=True), artifacts)
+        study.set_user_attr(STORE_ATTR, artifacts)
     stop = StopRequest(folder, stop_event or threading.Event())
 
     def stop_requested(study: optuna.Study, trial) -> None:
@@ -322,7 +338,7 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
         # the trial count is across every worker of the study: Optuna's callback counts the storage's trials
         try:
             with quiet_storage_failures_in_threads():
-                study.optimize(objective_for(name, base, space, root, stop, unwritable), timeout=timeout,
+                study.optimize(objective_for(name, base, space, root, stop, unwritable, store), timeout=timeout,
                                callbacks=[optuna.study.MaxTrialsCallback(trials, states=FINISHED), stop_requested,
                                           failures],
                                catch=(RuntimeError, ValueError, MemoryError))

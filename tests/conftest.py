@@ -179,3 +179,55 @@ def postgres_url():
     finally:
         subprocess.run([*run_as, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# -- object storage (artifact stores shared by machines): moto's S3 server, started by the tests themselves --
+S3_BUCKET = "lstm-studio"
+
+
+class S3Server:
+    """A local S3 server (moto's ThreadedMotoServer) on a free loopback port, with one bucket. `env`: what a
+    process needs to reach it through boto3's own configuration (AWS_ENDPOINT_URL and dummy credentials)."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+        self.port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.running = False
+
+    def start(self) -> "S3Server":
+        self.server.start()
+        self.running = True
+        return self
+
+    def stop(self) -> None:
+        if self.running:
+            self.server.stop()
+            self.running = False
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def keys(self, bucket: str = S3_BUCKET) -> list[str]:
+        return [o["Key"] for o in self.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A fresh S3 server with the bucket S3_BUCKET, its endpoint and credentials set in this process's
+    environment (subprocesses started with os.environ inherit them). Skipped where moto is not installed
+    (the floor venv)."""
+    pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the local S3 server")
+    server = S3Server().start()
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    server.client().create_bucket(Bucket=S3_BUCKET)
+    yield server
+    server.stop()
+

@@ -79,8 +79,8 @@ def test_a_study_report_shows_every_optuna_plot_the_trials_and_the_best_trial(st
 
 def test_bad_requests_are_one_line(trained_saves, study_saves, tmp_path, cli):
     run_id = list_runs(trained_saves)[0]["id"]
-    cases = [((), "name a run (its id or folder) or a study (--study NAME), one of them"),
-             ((run_id, "--study", "rep"), "name a run (its id or folder) or a study (--study NAME), one of them"),
+    one_of = "name a run (its id or folder), a study (--study NAME) or a trial (--study NAME --trial N), one of them"
+    cases = [((), one_of), ((run_id, "--study", "rep"), one_of), ((run_id, "--trial", "0"), one_of),
              (("--study", "absent", "--saves", study_saves), f"no study 'absent' in {default_storage(study_saves)}"),
              (("no-such-run", "--saves", trained_saves), "no run 'no-such-run'")]
     for args, message in cases:
