@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PORT ?= 8501
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test test-fast test-floor bench bench-app screenshots tensorboard dashboard gpu-check load setup setup-test chromium postgres clean
+.PHONY: run test test-fast test-floor bench bench-app bench-store screenshots tensorboard dashboard gpu-check load setup setup-test chromium postgres clean
 
 run: $(VENV)/.installed
 	$(PY) -m streamlit run streamlit_app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -51,15 +51,25 @@ tensorboard: $(VENV)/.installed
 
 # The studies in optuna-dashboard (installed on first use: the `dashboard` extra). STORAGE: any storage the app
 # writes, a database URL or journal:PATH; unset, the app's own sqlite:///SAVES/optuna.db ($LSTM_SAVES or saves/).
+# ARTIFACTS: the artifact store the trials' results are served from (a folder or s3://BUCKET[/PREFIX], the `s3`
+# extra); unset, the one the studies record.
 STORAGE ?=
+ARTIFACTS ?=
 DASHBOARD_PORT ?= 8080
 dashboard: $(VENV)/.installed
 	@$(PY) -c 'import optuna_dashboard' 2>/dev/null || $(PIP) install -e '.[dashboard]'
-	$(PY) -m lstm_core.dashboard $(if $(STORAGE),'$(STORAGE)') --host 127.0.0.1 --port $(DASHBOARD_PORT)
+	$(PY) -m lstm_core.dashboard $(if $(STORAGE),'$(STORAGE)') $(if $(ARTIFACTS),--artifacts '$(ARTIFACTS)') --host 127.0.0.1 --port $(DASHBOARD_PORT)
 
 # The app's cold start: `streamlit run` to a healthy server, and to the first page drawn in Chromium.
 bench-app: $(VENV)/.installed-test chromium
 	$(PY) -m benchmarks.cold_start
+
+# What an artifact store costs: its upload's share of a `default` trial's wall time (a folder, and S3 through
+# moto's local server, a test extra), a trial's first open on another machine, and a report's size and write
+# time, into saves/bench/store-<time>.json. STORE_ARGS="--epochs 1" for a quick look (the trial's share is then
+# not the default's).
+bench-store: $(VENV)/.installed-test
+	$(PY) -m benchmarks.store $(STORE_ARGS)
 
 # A GPU host's check: the CUDA tests, then speed and accuracy on the GPU, every stage within a 450 s budget
 # (--budget) for one try of about 8 minutes, into saves/bench/gpucheck-<time>.json (a temporary folder where that

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import streamlit as st
 
-from lstm_core.plots import confusion_figure
+from lstm_core.config import sequence_length
+from lstm_core.plots import confusion_figure, gradient_figure, step_gradient_figure
 from lstm_core.runs import list_runs, read_json, run_at, saves_root
+from app.runview import gradient_records
+
+if TYPE_CHECKING:
+    import optuna
 
 T = TypeVar("T")
 # Streamlit releases whose private pages manager leave_legacy_navigation was tested with: from the floor in
@@ -100,6 +105,28 @@ def confusion(cm: list[list[int]], toggle_key: str, chart_key: str, help: str | 
     st.plotly_chart(confusion_figure(cm, normalize=normalize), key=chart_key)
 
 
+def gradient_health(path: str | Path, seq_mode: str | None, key: str) -> None:
+    """The gradient norms the run folder at `path` recorded while training, and how much gradient reached
+    each time step (of a `seq_mode` input), under their heading; nothing for a run that recorded none."""
+    batches = gradient_records(path)
+    if not batches:
+        return
+    st.markdown("**Gradient health while training**: norms before clipping (log scale), share of steps "
+                "clipped; and how much gradient reaches each time step (vanishing gradients fall towards step 1)")
+    norms, steps = st.columns(2, gap="medium")
+    norms.plotly_chart(gradient_figure(batches), key=f"{key}_gradients")
+    if any(b.get("step_grad_norms") for b in batches):
+        steps.plotly_chart(step_gradient_figure(batches, sequence_length(seq_mode or "rows")), key=f"{key}_steps")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def storage_at(url: str) -> optuna.storages.BaseStorage:
+    """One storage per URL: opening one checks its schema, too slow to repeat every rerun. ConfigError: it
+    cannot be opened."""
+    from lstm_core.storage import make_storage      # optuna: only where a page reads a study
+    return make_storage(url, heartbeat=False)   # the pages only read; the workers keep the heartbeats
+
+
 def saved(read: Callable[[], T]) -> T | None:
     """What `read()` returns of the saves root, or None after saying that it cannot be read."""
     try:
@@ -152,6 +179,19 @@ def open_on_train(run_dir: str) -> None:
     # the Train page's widgets read their own keys first, then what it keeps in train_values
     st.session_state.update(config, train_values=config)
     st.switch_page("pages/train.py")
+
+
+def pick_on_evaluate(run_id: str) -> None:
+    """Make this run (or trial, by its list id) the Evaluate page's pick, in its widget's key and in what the
+    page remembers of it (restore), so that neither brings back the previous pick."""
+    st.session_state["eval_run"] = run_id
+    st.session_state.setdefault("eval_values", {})["eval_run"] = run_id
+
+
+def open_on_evaluate(run_id: str) -> None:
+    """Switch to the Evaluate page showing this run (or trial)."""
+    pick_on_evaluate(run_id)
+    st.switch_page("pages/evaluate.py")
 
 
 def open_on_draw(run_id: str) -> None:

@@ -1,5 +1,6 @@
 """What the Tuning page shows of a study, as data: the study picker's labels, whether a study runs, what
-each of Optuna's plots still needs, the contour's axes, and the trials that can be inspected.
+each of Optuna's plots still needs, the contour's axes, and the trials that can be inspected (from their
+folder here, or from the study's artifact store).
 
     study, live = load_study(storage, "lstm")         # None before a just-launched study exists
     ready = plottable(study)                           # ready.notes["history"]: None, or what it needs
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import optuna
 
+from lstm_core.artifacts import MISSING_ATTR, has_results, trial_summary
 from lstm_core.jobs import study_running
 from lstm_core.runs import TRIAL_FOLDERS, RunError, saves_root, study_dir
 from lstm_core.storage import default_storage
 from lstm_core.tune import TARGET, state_counts, study_summaries, trial_rows
-
 
 
 def storage_studies(url: str) -> list[dict]:
@@ -123,28 +124,44 @@ def contour_note(ready: Plottable, pair: list[str]) -> str | None:
 
 
 def evaluated_trials(study: optuna.Study) -> dict[int, dict]:
-    """The trials with a test evaluation in their run folder, by number (rows of tune.trial_rows)."""
-    return {r["number"]: r for r in trial_rows(study)
-            if r["run_dir"] and (Path(r["run_dir"]) / "eval.json").is_file()}
+    """The trials whose test evaluation can be opened (from their folder here, or from the artifact store),
+    and those whose upload to the store failed, whose opening says why: by number, rows of tune.trial_rows
+    with `results` ("here", "in the store" or "missing": artifacts.trial_summary)."""
+    shown = {t.number: trial_summary(t)["results"] for t in study.get_trials(deepcopy=False)
+             if has_results(t) or t.user_attrs.get(MISSING_ATTR)}
+    return {r["number"]: {**r, "results": shown[r["number"]]} for r in trial_rows(study) if r["number"] in shown}
 
 
 def first_trial(trials: dict[int, dict]) -> int:
-    """The trial to inspect first: the best complete one, else the last."""
-    scored = [r for r in trials.values() if r["state"] == "COMPLETE" and r["value"] is not None]
+    """The trial to inspect first: the best complete one that can be opened, else the last."""
+    scored = [r for r in trials.values()
+              if r["state"] == "COMPLETE" and r["value"] is not None and r.get("results") != "missing"]
     return max(scored, key=lambda r: r["value"])["number"] if scored else list(trials)[-1]
+
+
+# what a trial's label adds for one whose folder is not here (artifacts.trial_summary's `results`)
+WHERE = {"in the store": " · in the artifact store", "missing": " · results missing"}
 
 
 def trial_label(row: dict) -> str:
     return (f"trial {row['number']} · {row['state'].lower()}"
-            + (f" · {TARGET} {row['value']:.2%}" if row["value"] is not None else ""))
+            + (f" · {TARGET} {row['value']:.2%}" if row["value"] is not None else "")
+            + WHERE.get(row.get("results"), ""))
 
 
-def draw_id(run_dir: str) -> str | None:
-    """The id the Draw page knows a trial's model by, None for one it cannot load (saved outside this
-    saves root, or without its best.pt)."""
+def trial_id(run_dir: str | Path) -> str | None:
+    """The id the Evaluate page lists a trial's folder by (runs.list_trials: "<study>/trial_<n>", run here or
+    downloaded into the cache), None for a folder outside this saves root, which it does not list."""
     path = Path(run_dir)
-    local = path.parent.parent in [saves_root() / f for f in TRIAL_FOLDERS] and (path / "best.pt").is_file()
-    return f"{path.parent.name}/{path.name}" if local else None
+    listed = path.parent.parent in [saves_root() / f for f in TRIAL_FOLDERS]
+    return f"{path.parent.name}/{path.name}" if listed else None
+
+
+def draw_id(run_dir: str | Path) -> str | None:
+    """The id the Draw page knows a trial's model by, None for one it cannot load (outside this saves root,
+    or without its best.pt)."""
+    listed = trial_id(run_dir)
+    return listed if listed and (Path(run_dir) / "best.pt").is_file() else None
 
 
 def study_metrics(study: optuna.Study) -> list[tuple]:

@@ -3,7 +3,7 @@ parameter's range, the search space and `tune` command the form makes, and the l
 
     ask = range_input("lr", (1e-5, 1e-1))                  # FieldInput("select_slider", "lr", {...})
     space = {"lr": picked_range("lr", (1e-4, 1e-2))}
-    plan = plan_study("wide", LAUNCH, space, storage_url)   # RunError or ConfigError: what is wrong
+    plan = plan_study("wide", LAUNCH, space, storage_url, "s3://bucket/studies")   # RunError or ConfigError
     launch(plan, storage)                                   # at the click: checks, space.json, workers
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from lstm_core.artifacts import check_store, store_spec
 from lstm_core.config import BOUNDS, CHOICES, FIELD_TYPES, PRESETS, flag, preset
 from lstm_core.jobs import launch_study, study_running
 from lstm_core.runs import RunError, atomic_write_json, check_saves, safe_name, study_dir
@@ -108,12 +109,15 @@ class StudyPlan:
     storage: str            # the Optuna storage URL
     space: dict             # the search space, written to the study's SPACE_FILE at the launch
     args: list[str]         # the arguments of `python -m lstm_core tune`
+    artifacts: str | None = None    # the artifact store every trial's results go to (artifacts.store_spec)
 
 
-def plan_study(name: str, values: dict, space: dict, storage: str) -> StudyPlan:
-    """The study named `name` with the form's `values` (LAUNCH's keys) searching `space` in `storage`,
-    checked up front: RunError or ConfigError (a SpaceError among them) says the first problem."""
+def plan_study(name: str, values: dict, space: dict, storage: str, artifacts: str = "") -> StudyPlan:
+    """The study named `name` with the form's `values` (LAUNCH's keys) searching `space` in `storage`, its
+    trials' results uploaded to the artifact store `artifacts` too ("" for none), checked up front: RunError
+    or ConfigError (a SpaceError or a StoreError among them) says the first problem."""
     safe_name(name, "study name")
+    store = store_spec(artifacts) if artifacts.strip() else None
     base = preset(values["preset"]).replace(epochs=values["epochs"], limit_train=values["limit_train"],
                                             val_size=values["val_size"])
     check_space(space, base)
@@ -123,15 +127,19 @@ def plan_study(name: str, values: dict, space: dict, storage: str) -> StudyPlan:
     for key, value in values.items():
         if key != "timeout" or value:           # a timeout of 0 is none: the flag's default
             args += [flag(key), str(value)]
-    return StudyPlan(name, storage, space, args)
+    if store:
+        args += ["--artifacts", store]
+    return StudyPlan(name, storage, space, args, store)
 
 
 def launch(plan: StudyPlan, storage) -> None:
-    """Start the planned study in the background. The saves root and the storage (the opened `storage`
-    of plan.storage) are checked here, at the click, not every time the form is drawn: the probe writes,
-    and running workers write too."""
+    """Start the planned study in the background. The saves root, the storage (the opened `storage` of
+    plan.storage) and the artifact store are checked here, at the click, not every time the form is drawn:
+    each probe writes (a store's may wait on a network), and running workers write too."""
     check_saves()
     check_writable(storage, plan.storage)
+    if plan.artifacts:
+        check_store(plan.artifacts)
     folder = study_dir(plan.name)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / SPACE_FILE, plan.space)

@@ -19,15 +19,17 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.artifacts import Backoff, FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from .config import ConfigError
-from .runs import Run, RunError, atomic_write_json, read_json_object, saves_root, safe_name
+from .runs import Run, RunError, atomic_write_json, held_lock, read_json_object, saves_root, safe_name
 
 if TYPE_CHECKING:
     from typing import BinaryIO
@@ -40,6 +42,8 @@ SECONDS_ATTR = "artifacts_seconds"   # a trial's: how long its upload took
 # last.pt (resuming is for the machine that ran it) nor the final weights (best.pt is the model).
 RESULTS = ("config.json", "status.json", "metrics.jsonl", "eval.json", "best.pt", "environment.json", "curves.svg")
 EVENTS = "events.out.tfevents.*"
+# What optuna-dashboard serves each file as (Python's guess for .pt is a game console's format)
+MIMETYPES = {".json": "application/json", ".jsonl": "application/jsonl", ".svg": "image/svg+xml"}
 S3 = "s3://"
 SOURCE_FILE = "source.json"         # in a cached trial: which artifacts it was downloaded from
 # A store that fails keeps failing for a while; a trial waits this long at most before saying so and going on.
@@ -95,7 +99,8 @@ def open_store(spec: str, create: bool = False):
         from optuna.artifacts import Boto3ArtifactStore
 
         # Backoff retries a failed call: botocore's own few quick tries are enough below it
-        client = boto3.client("s3", config=Config(connect_timeout=10, read_timeout=60,
+        # (a server that takes the connection and never answers costs each try read_timeout: kept short)
+        client = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=20,
                                                   retries={"mode": "standard", "max_attempts": 2}))
         store = Boto3ArtifactStore(bucket, client=client)
         return Prefixed(store, prefix) if prefix else store
@@ -145,12 +150,12 @@ def endpoint(store) -> str:
 def quiet_retries():
     """Backoff logs every failed try with its traceback; a trial says its upload's failure once, in one line."""
     logger = logging.getLogger(Backoff.__module__)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    mute = lambda record: False  # noqa: E731 - each caller its own filter: readers in threads unmute only theirs
+    logger.addFilter(mute)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(mute)
 
 
 def result_files(run: Run) -> list[Path]:
@@ -169,7 +174,8 @@ def upload_trial(trial: optuna.Trial, run: Run, store, spec: str) -> str | None:
     try:
         with quiet_retries():
             for path in result_files(run):
-                artifact_id = upload_artifact(artifact_store=retried, file_path=str(path), study_or_trial=trial)
+                artifact_id = upload_artifact(artifact_store=retried, file_path=str(path), study_or_trial=trial,
+                                              mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
                 files[path.name] = [artifact_id, path.stat().st_size]
     except Exception as exc:  # noqa: BLE001 - a store's failure of any kind must not lose the trial
         reason = (f"{len(files)} of {len(result_files(run))} files reached the artifact store {spec}"
@@ -226,7 +232,8 @@ def trial_run(study: optuna.Study, number: int, store: str | None = None, root: 
         if trial.user_attrs.get(MISSING_ATTR):
             raise RunError(f"{what} is not in the artifact store: {trial.user_attrs[MISSING_ATTR]}")
         if trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
-            raise RunError(f"{what} is {trial.state.name.lower()}: it has no results to open")
+            state = "failed" if trial.state == optuna.trial.TrialState.FAIL else trial.state.name.lower()
+            raise RunError(f"{what} is {state}: it has no results to open")
         raise RunError(f"{what}: its results are in {where} on the machine that ran it, and the study has no "
                        "artifact store (run it with `tune --artifacts STORE` for any machine to open its trials)")
     spec = store or trial.user_attrs.get(STORE_ATTR) or study.user_attrs.get(STORE_ATTR)
@@ -250,7 +257,7 @@ def cached(folder: Path, files: dict) -> bool:
 def download(store, spec: str, files: dict, folder: Path, what: str) -> Run:
     """Download `files` into a fresh folder beside `folder`, check each size, then move it into place: a
     reader never sees a half-downloaded trial, and two readers downloading at once both end with a whole one."""
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}.{time.time_ns()}.partial")
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.{threading.get_ident()}.{time.time_ns()}.partial")
     try:
         try:
             partial.mkdir(parents=True)
@@ -266,15 +273,18 @@ def download(store, spec: str, files: dict, folder: Path, what: str) -> Run:
                     raise RunError(f"cannot open {what}: {name} came from the artifact store {spec} as "
                                    f"{target.stat().st_size} bytes, but the trial recorded {size}")
         atomic_write_json(partial / SOURCE_FILE, {"store": spec, "files": files, "downloaded_at": time.time()})
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)      # a stale or partial copy of other artifacts
-        try:
-            os.rename(partial, folder)
-        except OSError:
-            if not cached(folder, files):               # another reader's rename won: theirs is the same trial
-                raise
+        # A whole copy is never replaced, since a reader that opened it may be reading it: only a stale or cut
+        # one is, by one reader at a time; another reader's whole copy, moved in meanwhile, is kept.
+        with held_lock(folder.with_name(f".{folder.name}.lock")):
+            if not cached(folder, files):
+                shutil.rmtree(folder, ignore_errors=True)
+                os.rename(partial, folder)
     except RunError:
         raise
+    except ArtifactNotFound:    # (S3 says so for a missing bucket too)
+        raise RunError(f"cannot download {what} from the artifact store {spec}{endpoint(store)}: it does not hold "
+                       "the trial's files: name the store the study wrote them to (--artifacts, or the page's "
+                       "field)") from None
     except Exception as exc:  # noqa: BLE001 - a store's failure of any kind: one line
         raise RunError(f"cannot download {what} from the artifact store {spec}{endpoint(store)}: "
                        f"{failure_text(exc)}") from None

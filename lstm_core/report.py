@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import time
+import warnings
 from typing import Any, Callable
 
 import plotly.graph_objects as go
@@ -82,7 +83,9 @@ def cell(value: Any) -> str:
 def attempt(make: Callable[[], go.Figure]) -> tuple[go.Figure | None, str | None]:
     """A figure, or None and why it cannot be drawn (Optuna raises for a study it cannot plot yet)."""
     try:
-        return make(), None
+        with warnings.catch_warnings():     # Optuna's notes on a young study (too few trials): the report says them
+            warnings.simplefilter("ignore")
+            return make(), None
     except Exception as exc:  # noqa: BLE001 - a figure that cannot be drawn is a note, not a failed report
         return None, f"{type(exc).__name__}: {exc}"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -24,12 +25,12 @@ from typing import Any, Callable
 
 import optuna
 
-from .artifacts import STORE_ATTR, open_store, upload_trial
+from .artifacts import STORE_ATTR, open_store, store_spec, upload_trial
 from .config import CHOICES, FIELD_TYPES, LSTM_ONLY, ConfigError, TrainConfig, from_dict, read_mapping
 from .jobs import StopRequest, device_lock, training_devices
 from .recorder import RunRecorder
-from .runs import create_run, os_error_text, safe_name, study_dir
-from .storage import check_writable, default_storage, make_storage
+from .runs import create_run, os_error_text, process_alive, process_start_time, safe_name, study_dir
+from .storage import check_writable, default_storage, journal_path, make_storage
 from .train import Callback, fit
 
 # Every TrainConfig field a study can search, with the range the Tuning page first offers for it. Left out:
@@ -214,6 +215,19 @@ def fail_trials_of(study_name: str, url: str, pid: int) -> list[int]:
     return numbers
 
 
+def fail_dead_workers_trials(study: optuna.Study) -> list[int]:
+    """Mark failed the RUNNING trials whose worker on this machine is gone (killed, or its machine restarted):
+    what a heartbeat does for database storages, done for a journal storage, which has none, when a worker
+    starts. Trials of other machines' workers are left alone: whether those run cannot be told from here."""
+    numbers = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker") or {}
+        if worker.get("host") == socket.gethostname() and not process_alive(worker.get("pid"), worker.get("pid_start")):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            numbers.append(trial.number)
+    return numbers
+
+
 def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
@@ -230,7 +244,9 @@ def objective_for(study_name: str, base: TrainConfig, space: dict, root: str | P
     a trial that ran to its end uploads its results there (artifacts.upload_trial); an upload that fails
     keeps the trial's value and says so in one line."""
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("worker_pid", os.getpid())
+        pid = os.getpid()
+        trial.set_user_attr("worker_pid", pid)
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": pid, "pid_start": process_start_time(pid)})
         pruning = Pruning(trial)
         try:
             config = from_dict({**base.to_dict(), **suggest(trial, space)})
@@ -317,6 +333,7 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     study records it: any machine that shares the study can then open any trial (artifacts.trial_run)."""
     storage = storage or default_storage(root)
     space = check_space(space or DEFAULT_SPACE, base)
+    artifacts = store_spec(artifacts) if artifacts else None   # as every machine reads it: a folder made absolute
     folder = study_dir(name, root)
     folder.mkdir(parents=True, exist_ok=True)
     opened = make_storage(storage)
@@ -327,6 +344,10 @@ def run_worker(name: str, trials: int, base: TrainConfig, storage: str | None = 
     if artifacts:
         store = (open_store(artifacts, create=True), artifacts)
         study.set_user_attr(STORE_ATTR, artifacts)
+    if journal_path(storage) is not None:
+        for number in fail_dead_workers_trials(study):
+            print(f"study {name}: trial {number} was left running by a worker on this machine that is gone: marked "
+                  "failed", file=sys.stderr, flush=True)
     stop = StopRequest(folder, stop_event or threading.Event())
 
     def stop_requested(study: optuna.Study, trial) -> None:

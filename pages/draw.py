@@ -16,6 +16,7 @@ from lstm_core.runs import LIVE_STATES, RunError, list_models, list_runs
 from app.drawview import preview, readings, run_to_watch, step_unit, steps_caption
 from app.pagekit import leave_legacy_navigation, run_model, saved
 from app.runview import model_label, run_progress
+from app.trialopen import trial_opener
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
@@ -169,12 +170,22 @@ def remember_model() -> None:
     st.session_state.draw_run = st.session_state.draw_model
 
 
+def pick_trial(run_id: str) -> str | None:
+    """Preselect a trial just opened (trialopen), or say why it has no model to draw with."""
+    if run_id not in [row["id"] for row in list_models()]:
+        return (f"Trial {run_id} has no model to draw with: only completed trials, and those stopped after their "
+                "first epoch, have one.")
+    st.session_state.draw_run = run_id
+    return None
+
+
 def draw_page() -> None:
     for key, value in STATE.items():
         st.session_state.setdefault(key, value)
     st.title("Draw")
     st.caption("Draw a digit with the mouse or a finger, or upload a picture of one, and see what a trained "
                "model reads. Inputs are cropped, scaled and centred the way MNIST digits were.")
+    trial_opener("draw", pick_trial)
     models = saved(list_models)
     if models is None:
         return

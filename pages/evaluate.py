@@ -1,19 +1,19 @@
 """Evaluate: the test-set results of any run or tuning trial (confusion matrix, per-class metrics, the
-digits it got wrong), and two of them side by side."""
+digits it got wrong), and two of them side by side. A trial of another machine's study is opened from the
+study's artifact store first."""
 from __future__ import annotations
 
 import numpy as np
 import streamlit as st
 
-from lstm_core.config import sequence_length
 from lstm_core.data import DataUnavailable, load_mnist
-from lstm_core.plots import (confusion_difference_figure, confusion_figure, gradient_figure, per_class_figure,
-                             step_gradient_figure)
+from lstm_core.plots import confusion_difference_figure, confusion_figure, per_class_figure
 from lstm_core.report import run_report
 from lstm_core.runs import list_runs, list_trials, run_at
-from app.pagekit import (confusion, leave_legacy_navigation, metric_row, remember, report_button, restore, run_eval,
-                         saved)
-from app.runview import environment_text, eval_metrics, evaluated_label, gradient_records, run_environment
+from app.pagekit import (confusion, gradient_health, leave_legacy_navigation, metric_row, pick_on_evaluate, remember,
+                         report_button, restore, run_eval, saved)
+from app.runview import environment_text, eval_metrics, evaluated_label, run_environment
+from app.trialopen import trial_opener
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
@@ -68,15 +68,7 @@ def one_run(rows: dict[str, dict]) -> None:
     with right:
         st.markdown("**Per-class precision, recall and F1**")
         st.plotly_chart(per_class_figure(result["per_class"]), key="eval_per_class")
-    batches = gradient_records(rows[run_id]["path"])
-    if batches:
-        st.markdown("**Gradient health while training**: norms before clipping (log scale), share of steps "
-                    "clipped; and how much gradient reaches each time step (vanishing gradients fall towards step 1)")
-        norms, steps = st.columns(2, gap="medium")
-        norms.plotly_chart(gradient_figure(batches), key="eval_gradients")
-        if any(b.get("step_grad_norms") for b in batches):
-            length = sequence_length(rows[run_id]["seq_mode"] or "rows")    # the run list's row has its config
-            steps.plotly_chart(step_gradient_figure(batches, length), key="eval_steps")
+    gradient_health(rows[run_id]["path"], rows[run_id]["seq_mode"], "eval")   # the run list's row has its config
     st.caption(environment_text(run_environment(rows[run_id]["path"])))
     gallery(result.get("misclassified") or [])
 
@@ -106,6 +98,7 @@ def side_by_side(rows: dict[str, dict]) -> None:
 def evaluate_page() -> None:
     restore("eval_values", {})      # the picks, across page switches
     st.title("Evaluate")
+    trial_opener("eval", pick_on_evaluate)
     rows = saved(evaluated)
     if rows is None:
         return

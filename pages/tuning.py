@@ -1,5 +1,5 @@
 """Tuning: launch an Optuna study in the background, watch it live, open any study of a storage, and
-inspect its trials.
+inspect its trials: from their folders where they ran here, else from the study's artifact store.
 
 Studies never run in this script: Launch starts `python -m lstm_core tune` detached, and a fragment
 re-reads the study from its storage every few seconds while it runs. A click, a refresh or a second
@@ -8,6 +8,7 @@ user cannot stop or disturb it; only Stop does.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import optuna
 import pandas as pd
@@ -15,17 +16,19 @@ import streamlit as st
 
 from lstm_core.config import ConfigError
 from lstm_core.jobs import request_study_stop, running_studies, study_workers
-from lstm_core.plots import STUDY_PLOTS, per_class_figure, study_figure
+from lstm_core.plots import STUDY_PLOTS, curves_figure, per_class_figure, study_figure
 from lstm_core.report import study_report
-from lstm_core.runs import RunError
-from lstm_core.storage import default_storage, make_storage
+from lstm_core.runs import Run, RunError, read_json_object
+from lstm_core.storage import default_storage
 from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, trial_rows, trials_csv
-from app.pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, open_on_train, remember,
-                         report_button, rerun_when_ended, restore, run_eval)
+from app.pagekit import (ask, confusion, gradient_health, leave_legacy_navigation, metric_row, open_on_draw,
+                         open_on_evaluate, open_on_train, remember, report_button, rerun_when_ended, restore, run_eval,
+                         storage_at)
 from app.runview import eval_metrics
 from app.studyview import (TARGET, Plottable, absent_study, contour_note, contour_pair, draw_id, evaluated_trials,
                            first_trial, load_study, plottable, storage_studies, study_labels, study_metrics,
-                           trial_label)
+                           trial_id, trial_label)
+from app.trialopen import STORAGE_HELP, STORE_HELP, open_trial
 from app.tuneform import (LAUNCH, LAUNCH_INPUTS, STUDY_KEYS, first_pick, launch, log_scaled, picked_range, plan_study,
                           range_input)
 
@@ -37,12 +40,7 @@ FORM = {**{f"tune_{key}": value for key, value in LAUNCH.items()}, "tune_params"
         **{f"tune_space_{name}": first_pick(name) for name in SEARCH_RANGES}}
 # these get their remembered value from their widget's `value` (tuneform.range_input), not Session State
 LOG_RANGES = {f"tune_space_{name}" for name in SEARCH_RANGES if log_scaled(name)}
-
-
-@st.cache_resource(show_spinner=False, max_entries=8)
-def storage_at(url: str) -> optuna.storages.BaseStorage:
-    """One storage per URL: opening one checks its schema, too slow to repeat every refresh."""
-    return make_storage(url, heartbeat=False)   # this page only reads; the workers keep the heartbeats
+OPENERS = {"train": open_on_train, "evaluate": open_on_evaluate, "draw": open_on_draw}   # request()'s page switches
 
 
 # -- launch --------------------------------------------------------------------------------------
@@ -74,10 +72,10 @@ def range_widget(name: str) -> dict:
     return picked_range(name, ask(key, range_input(name, st.session_state.tune_values[key])))
 
 
-def launch_form(storage: str | None) -> None:
+def launch_form(storage: str | None, store: str) -> None:
     name, space = launch_form_widgets()
     try:
-        plan = plan_study(name, {key: st.session_state[f"tune_{key}"] for key in LAUNCH}, space, storage or "")
+        plan = plan_study(name, {key: st.session_state[f"tune_{key}"] for key in LAUNCH}, space, storage or "", store)
     except (RunError, ConfigError) as exc:
         plan = None
         st.error(str(exc))
@@ -135,7 +133,7 @@ def plots(study: optuna.Study) -> None:
         plot(study, kind, ready.notes[kind])
 
 
-def trial_table(study: optuna.Study) -> None:
+def trial_table(study: optuna.Study, store: str) -> None:
     frame = pd.DataFrame(trial_rows(study))
     if frame.empty:
         st.caption("No trials yet.")
@@ -151,7 +149,8 @@ def trial_table(study: optuna.Study) -> None:
     with st.container(horizontal=True):
         st.download_button("Download CSV", trials_csv(study), file_name=f"{study.study_name}-trials.csv",
                            mime="text/csv", icon=":material/download:", on_click="ignore")
-        report_button(study_report, study, f"{study.study_name}-report.html", "tune_report")
+        report_button(partial(study_report, store=store.strip() or None), study, f"{study.study_name}-report.html",
+                      "tune_report")
 
 
 def study_header(name: str, live: bool) -> None:
@@ -180,7 +179,7 @@ def read_study(url: str, name: str) -> tuple[optuna.Study | None, bool] | None:
         return None
 
 
-def show_study(url: str, name: str, existed: bool) -> None:
+def show_study(url: str, name: str, existed: bool, store: str) -> None:
     """The live view; re-runs itself every REFRESH_SECONDS while the study runs."""
     loaded = read_study(url, name)
     if loaded is None:
@@ -196,21 +195,25 @@ def show_study(url: str, name: str, existed: bool) -> None:
         return
     metric_row(study_metrics(study))
     plots(study)
-    trial_table(study)
+    trial_table(study, store)
 
 
 # -- one trial -----------------------------------------------------------------------------------
-def inspect_trial(study: optuna.Study) -> None:
+def inspect_trial(study: optuna.Study, store: str) -> None:
     st.subheader("Trial")
     trials = evaluated_trials(study)
     if not trials:
-        st.info("No trial has a test evaluation here yet (a trial is evaluated when it ends).")
+        st.info("No trial has a test evaluation to open yet: a trial is evaluated when it ends, and one that ran "
+                "on another machine opens here from the study's artifact store (`tune --artifacts STORE`).")
         return
     if st.session_state.get("tune_trial") not in trials:
         st.session_state.tune_trial = first_trial(trials)
     number = st.selectbox("Trial", list(trials), key="tune_trial", format_func=lambda n: trial_label(trials[n]))
     row = trials[number]
-    evaluation = run_eval(row["run_dir"]) or {}
+    run = open_trial(study, number, store)
+    if run is None:
+        return
+    evaluation = run_eval(run.path) or {}
     if evaluation.get("confusion_matrix") is None:
         st.info(f"Trial {number} ended without a test evaluation.")
         return
@@ -220,13 +223,24 @@ def inspect_trial(study: optuna.Study) -> None:
     with left:
         confusion(evaluation["confusion_matrix"], "tune_normalize", "tune_trial_cm")
     right.plotly_chart(per_class_figure(evaluation["per_class"]), key="tune_trial_per_class")
+    epochs = run.epochs()
+    if epochs:
+        st.plotly_chart(curves_figure(epochs), key="tune_trial_curves")
+    gradient_health(run.path, read_json_object(run.config_path).get("seq_mode"), "tune_trial")
+    trial_buttons(run)
+
+
+def trial_buttons(run: Run) -> None:
+    """Open the trial's folder (its own, or the copy downloaded from the store) on the other pages."""
+    outside = "only trials under this app's saves folder are listed there"
+    listed, draw_run = trial_id(run.path), draw_id(run.path)
     buttons = st.container(horizontal=True)
     buttons.button("Open in Train page", icon=":material/model_training:", on_click=request,
-                   args=("train", row["run_dir"]))
-    draw_run = draw_id(row["run_dir"])
+                   args=("train", str(run.path)))
+    buttons.button("Open in Evaluate page", icon=":material/analytics:", disabled=listed is None, on_click=request,
+                   args=("evaluate", listed), help=None if listed else outside)
     buttons.button("Use on Draw page", icon=":material/draw:", disabled=draw_run is None, on_click=request,
-                   args=("draw", draw_run),
-                   help=None if draw_run else "only trials saved under this app's saves folder can be drawn with")
+                   args=("draw", draw_run), help=None if draw_run else f"it has no best.pt, or {outside}")
 
 
 def request(*action) -> None:
@@ -237,27 +251,29 @@ def request(*action) -> None:
 
 
 def tuning_page() -> None:
-    restore("tune_values", {**FORM, "tune_storage": default_storage(),
+    restore("tune_values", {**FORM, "tune_storage": default_storage(), "tune_artifacts": "",
                             "tune_name": time.strftime("study-%Y%m%d-%H%M")}, skip=LOG_RANGES)
     action, *args = st.session_state.get("tune_request") or (None,)
-    if action in ("train", "draw"):
+    if action in OPENERS:
         del st.session_state.tune_request
-        (open_on_train if action == "train" else open_on_draw)(*args)
+        OPENERS[action](*args)
     st.title("Tuning")
     notice = st.session_state.pop("tune_notice", None)
     if notice:
         st.success(notice)
-    where, which = st.columns([3, 2])
-    url = where.text_input("Study storage", key="tune_storage", help="any Optuna storage URL, e.g. "
-                           "sqlite:///path/optuna.db or postgresql+psycopg2://user@host/db")
-    remember("tune_values", ["tune_storage"])
+    where, store_field, which = st.columns([3, 2, 2])
+    url = where.text_input("Study storage", key="tune_storage", help=STORAGE_HELP)
+    store = store_field.text_input("Artifact store", key="tune_artifacts",
+                                   help=f"Where Launch uploads every trial's results (nowhere when empty), for any "
+                                        f"machine to open them. {STORE_HELP}")
+    remember("tune_values", ["tune_storage", "tune_artifacts"])
     try:
         summaries = storage_studies(url)
     except ConfigError as exc:
         st.error(str(exc))
         summaries = None
     with st.expander("Launch a study", expanded=not summaries, icon=":material/rocket_launch:"):
-        launch_form(url if summaries is not None else None)
+        launch_form(url if summaries is not None else None, store)
     if summaries is None:
         return
     labels = study_labels(summaries, running_studies(url))
@@ -277,9 +293,9 @@ def tuning_page() -> None:
     study, live = loaded
     if study is not None:
         study_header(name, live)
-    st.fragment(show_study, run_every=REFRESH_SECONDS if live else None)(url, name, study is not None)
+    st.fragment(show_study, run_every=REFRESH_SECONDS if live else None)(url, name, study is not None, store)
     if study is not None:
-        inspect_trial(study)
+        inspect_trial(study, store)
 
 
 tuning_page()

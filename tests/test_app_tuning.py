@@ -214,6 +214,25 @@ def test_an_empty_storage_offers_the_launch_form(saves):
     assert at.text_input(key="tune_storage").value == f"sqlite:///{saves / 'optuna.db'}"
 
 
+def test_an_artifact_store_the_launch_cannot_use_is_refused_in_one_line(saves, tmp_path):
+    at = page()
+    at.text_input(key="tune_artifacts").set_value("ftp://host/bucket").run()
+    (error,) = check(at).error
+    assert error.value == "artifact store 'ftp://host/bucket': a store is a folder or s3://BUCKET[/PREFIX]"
+    (launch,) = [b for b in at.button if b.label == "Launch study"]
+    assert launch.disabled
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    at.text_input(key="tune_artifacts").set_value(str(taken)).run()
+    (launch,) = [b for b in check(at).button if b.label == "Launch study"]
+    assert not at.error and not launch.disabled        # checked at the click, like the storage
+    launch.click().run()
+    (error,) = check(at).error
+    assert error.value.startswith(f"cannot make the artifact store folder {taken}:")
+    assert len(error.value.splitlines()) == 1
+    assert not study_workers(at.text_input(key="tune_name").value)
+
+
 def test_studies_of_any_storage_open_and_young_ones_show_notes(saves, tmp_path):
     """Studies made with Optuna directly, in a storage outside the saves root: one with a single trial
     (no run folder, as from another machine) and one with none."""
@@ -240,7 +259,7 @@ def test_studies_of_any_storage_open_and_young_ones_show_notes(saves, tmp_path):
     assert curves["Trial1"]["line"]["dash"] == "dot" and "dash" not in curves["Trial0"].get("line", {})
     assert (curves["pruned"]["x"], curves["pruned"]["y"]) == ([1], [0.1])    # a cross where the pruned trial ended
     assert "contour plot needs two" in infos(at) and "importances need two complete trials" in infos(at)
-    assert "No trial has a test evaluation here yet" in infos(at)
+    assert "No trial has a test evaluation to open yet" in infos(at)
     at.selectbox(key="tune_study").set_value("empty").run()
     check(at)
     assert not at.get("plotly_chart")

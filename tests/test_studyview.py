@@ -7,10 +7,11 @@ import optuna
 import pytest
 
 from lstm_core import plots
+from lstm_core.artifacts import FILES_ATTR, MISSING_ATTR
 from lstm_core.storage import make_storage
 from app import studyview
 from app.studyview import (absent_study, contour_note, contour_pair, draw_id, evaluated_trials, first_trial,
-                           load_study, plottable, storage_studies, study_labels, study_metrics, trial_label)
+                           load_study, plottable, storage_studies, study_labels, study_metrics, trial_id, trial_label)
 
 DISTRIBUTIONS = {"dropout": optuna.distributions.FloatDistribution(0.1, 0.5),
                  "hidden_size": optuna.distributions.IntDistribution(32, 128),
@@ -102,6 +103,7 @@ def test_the_study_metrics_count_trials_by_state_and_name_the_best():
 
 def run_dir(path, evaluated: bool = True, weights: bool = True) -> str:
     path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")     # what makes it a trial's folder here (artifacts.local_run)
     if evaluated:
         (path / "eval.json").write_text(json.dumps({"test_accuracy": 0.9}))
     if weights:
@@ -110,24 +112,34 @@ def run_dir(path, evaluated: bool = True, weights: bool = True) -> str:
 
 
 def test_the_trials_to_inspect_and_the_first_one(tmp_path):
+    elsewhere = str(tmp_path / "other-machine" / "t")         # a run folder that is not on this machine
     study = study_of(
         {**complete(0.5, lr=0.01), "user_attrs": {"run_dir": run_dir(tmp_path / "t0")}},
         {**complete(0.8, lr=0.02), "user_attrs": {"run_dir": run_dir(tmp_path / "t1")}},
         {**complete(0.9, lr=0.03), "user_attrs": {"run_dir": run_dir(tmp_path / "t2", evaluated=False)}},
-        complete(0.95, lr=0.04),                                          # from another machine: no run folder
+        complete(0.95, lr=0.04),                                          # from another machine, without a store
         {"params": {"lr": 0.001}, "state": optuna.trial.TrialState.PRUNED,
-         "user_attrs": {"run_dir": run_dir(tmp_path / "t4")}})
+         "user_attrs": {"run_dir": run_dir(tmp_path / "t4")}},
+        {**complete(0.85, lr=0.05), "user_attrs": {"run_dir": elsewhere,     # its results in the artifact store
+                                                   FILES_ATTR: {"eval.json": ["id-5", 10], "best.pt": ["id-6", 99]}}},
+        {**complete(0.99, lr=0.06), "user_attrs": {"run_dir": elsewhere,     # its upload failed: opening says why
+                                                   MISSING_ATTR: "0 of 9 files reached the artifact store"}})
     trials = evaluated_trials(study)
-    assert list(trials) == [0, 1, 4] and first_trial(trials) == 1
+    assert list(trials) == [0, 1, 4, 5, 6] and first_trial(trials) == 5   # the best that can be opened
     assert first_trial({4: trials[4]}) == 4                               # none complete: the last
     assert trial_label(trials[1]) == "trial 1 · complete · val accuracy 80.00%"
     assert trial_label(trials[4]) == "trial 4 · pruned"
+    assert trial_label(trials[5]) == "trial 5 · complete · val accuracy 85.00% · in the artifact store"
+    assert trial_label(trials[6]) == "trial 6 · complete · val accuracy 99.00% · results missing"
 
 
-def test_a_trial_is_drawn_with_only_from_this_saves_root_with_its_weights(saves, tmp_path):
+def test_a_trial_is_listed_and_drawn_with_only_from_this_saves_root(saves, tmp_path):
     assert draw_id(run_dir(saves / "studies" / "s" / "trial_3")) == "s/trial_3"
-    assert draw_id(run_dir(saves / "studies" / "s" / "trial_4", weights=False)) is None
-    assert draw_id(run_dir(tmp_path / "elsewhere" / "s" / "trial_5")) is None
+    assert draw_id(run_dir(saves / "cache" / "s" / "trial_7")) == "s/trial_7"    # downloaded from a store
+    unweighted = run_dir(saves / "studies" / "s" / "trial_4", weights=False)
+    assert draw_id(unweighted) is None and trial_id(unweighted) == "s/trial_4"    # evaluated all the same
+    outside = run_dir(tmp_path / "elsewhere" / "s" / "trial_5")
+    assert draw_id(outside) is None and trial_id(outside) is None
 
 
 def test_load_study_is_none_before_the_study_exists(saves):

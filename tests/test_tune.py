@@ -123,6 +123,31 @@ def test_a_killed_worker_fails_its_trial_by_heartbeat_and_the_study_goes_on(save
 
 
 @pytest.mark.slow
+def test_a_journal_study_fails_the_trial_of_a_killed_worker_of_this_machine_when_the_next_worker_starts(
+        saves, space, tmp_path):
+    # a journal has no heartbeat: without this, the killed worker's trial would stay RUNNING for good
+    journal = f"journal:{tmp_path / 'studies.log'}"
+    env = {**os.environ, "LSTM_SAVES": str(saves), "LSTM_DATA": str(DATA_DIR)}
+    long_trial = [a if a != "2" else "200" for a in SMALL]
+    victim = subprocess.Popen([sys.executable, "-m", "lstm_core", "tune", "--study", "jk", "--trials", "1",
+                               "--storage", journal, "--space", str(space), *long_trial], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = saves / "studies" / "jk" / "trial_0" / "metrics.jsonl"
+    try:
+        wait_until(lambda: metrics.exists() and '"event": "epoch"' in metrics.read_text(), 120, "trial 0's first epoch")
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    study = optuna.load_study(study_name="jk", storage=make_storage(journal))
+    assert study.trials[0].state == optuna.trial.TrialState.RUNNING       # nothing else would ever end it
+    result = tune(saves, "--study", "jk", "--trials", 1, "--storage", journal, "--space", space, *SMALL)
+    assert result.returncode == 0, result.stderr
+    assert "study jk: trial 0 was left running by a worker on this machine that is gone: marked failed" in result.stderr
+    states = [t.state for t in optuna.load_study(study_name="jk", storage=make_storage(journal)).trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.slow
 def test_two_workers_on_postgresql(saves, space, postgres_url):
     result = tune(saves, "--study", "pg", "--trials", 4, "--workers", 2, "--storage", postgres_url, "--space", space,
                   *SHARED, "--json")

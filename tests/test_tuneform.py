@@ -104,6 +104,29 @@ def test_a_plan_is_refused_with_its_first_problem(saves, monkeypatch):
     assert not (saves / "studies").exists()                  # planning writes nothing
 
 
+def test_a_plan_with_an_artifact_store_passes_it_on_checked(saves, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plan = plan_study("wide", LAUNCH, SPACE, "sqlite:///x.db", " relative/store ")
+    # a folder as its absolute path: the workers start elsewhere, and the study records it for other machines
+    assert tune_args(plan)["artifacts"] == plan.artifacts == str((tmp_path / "relative" / "store").resolve())
+    assert tune_args(plan_study("wide", LAUNCH, SPACE, "sqlite:///x.db", "s3://bucket/prefix/"))["artifacts"] \
+        == "s3://bucket/prefix"
+    assert plan_study("wide", LAUNCH, SPACE, "sqlite:///x.db", "  ").artifacts is None     # empty: none
+    assert "--artifacts" not in plan_study("wide", LAUNCH, SPACE, "sqlite:///x.db").args
+    with pytest.raises(ConfigError, match=r"artifact store 's3://': name a bucket"):
+        plan_study("wide", LAUNCH, SPACE, "sqlite:///x.db", "s3://")
+
+
+def test_launch_refuses_an_artifact_store_it_cannot_write(saves, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuneform, "launch_study", lambda *args: pytest.fail("launched"))
+    (tmp_path / "taken").write_text("a file where the store's folder would go")
+    url = f"sqlite:///{saves / 'optuna.db'}"
+    plan = plan_study("wide", LAUNCH, SPACE, url, str(tmp_path / "taken"))
+    with pytest.raises(ConfigError, match="cannot make the artifact store folder"):
+        tuneform.launch(plan, make_storage(url))
+    assert not (saves / "studies").exists()
+
+
 def test_launch_writes_the_space_and_starts_the_planned_command(saves, monkeypatch):
     started = []
     monkeypatch.setattr(tuneform, "launch_study", lambda *args: started.append(args))
