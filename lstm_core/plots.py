@@ -284,7 +284,10 @@ UNVALIDATED_TESTED = ((5, 20), (8, 0))
 def skips_validation() -> bool:
     """Whether this plotly builds a Figure unvalidated when asked to: `_validate=False` is private, so only a
     plotly of the tested releases is asked, and one that refuses the keyword (TypeError), or may one day
-    take it for a property (ValueError), is not used that way."""
+    take it for a property (ValueError), is not used that way. Asked at the first figure (unvalidated()), not
+    on import: a page imports this module before the view package has made pandas whole, and a figure built
+    while another session's thread is halfway through importing pandas fails (plotly takes it from
+    sys.modules)."""
     low, high = UNVALIDATED_TESTED
     if not low <= tuple(int(p) for p in re.findall(r"\d+", plotly.__version__)[:2]) < high:
         return False
@@ -295,12 +298,15 @@ def skips_validation() -> bool:
     return True
 
 
-UNVALIDATED = skips_validation()
+UNVALIDATED: bool | None = None       # skips_validation(), once a figure needs it
 
 
 def unvalidated(spec: dict) -> go.Figure:
     """A Figure of a plain dict, not validated where this plotly allows it, else validated (slower, the
     same figure)."""
+    global UNVALIDATED
+    if UNVALIDATED is None:
+        UNVALIDATED = skips_validation()
     return go.Figure(spec, _validate=False) if UNVALIDATED else go.Figure(spec)
 
 

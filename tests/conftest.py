@@ -1,6 +1,7 @@
 """Shared fixtures. Tests train on small slices of the real MNIST; every test gets its own saves root."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -217,17 +218,26 @@ class S3Server:
         return [o["Key"] for o in self.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
-@pytest.fixture
-def s3(monkeypatch):
+@contextlib.contextmanager
+def serving_s3(monkeypatch):
     """A fresh S3 server with the bucket S3_BUCKET, its endpoint and credentials set in this process's
-    environment (subprocesses started with os.environ inherit them). Skipped where moto is not installed
-    (the floor venv)."""
+    environment through `monkeypatch` (subprocesses started with os.environ inherit them). Skipped where moto
+    is not installed (the floor venv)."""
     pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the local S3 server")
     server = S3Server().start()
-    for key, value in server.env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    server.client().create_bucket(Bucket=S3_BUCKET)
-    yield server
-    server.stop()
+    try:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        server.client().create_bucket(Bucket=S3_BUCKET)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """serving_s3 for one test."""
+    with serving_s3(monkeypatch) as server:
+        yield server
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.artifacts import Backoff, get_all_artifact_meta
 
-from conftest import S3_BUCKET, S3Server, free_port, tiny_config, wait_until
+from conftest import S3_BUCKET, S3Server, free_port, serving_s3, tiny_config, wait_until
 from lstm_core import artifacts
 from lstm_core.artifacts import FILES_ATTR, MISSING_ATTR, SOURCE_FILE, STORE_ATTR, cache_dir, trial_run
 from lstm_core.checkpoints import load_model
@@ -80,15 +80,8 @@ def quiet_s3_server():
 @pytest.fixture(scope="module")
 def shared_s3():
     """One S3 server for this module's stored studies, reached through boto3's environment as a worker is."""
-    pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the local S3 server")
-    server = S3Server().start()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in server.env.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        server.client().create_bucket(Bucket=S3_BUCKET)
+    with pytest.MonkeyPatch.context() as mp, serving_s3(mp) as server:
         yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module", params=list(KINDS))
