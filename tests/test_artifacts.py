@@ -15,6 +15,7 @@ import pytest
 from optuna.artifacts import Backoff, get_all_artifact_meta
 
 from conftest import S3_BUCKET, S3Server, free_port, serving_s3, tiny_config, wait_until
+from test_report import figures as count_figures, self_contained
 from lstm_core import artifacts
 from lstm_core.artifacts import FILES_ATTR, MISSING_ATTR, SOURCE_FILE, STORE_ATTR, cache_dir, trial_run
 from lstm_core.checkpoints import load_model
@@ -403,7 +404,8 @@ def test_tune_artifacts_uploads_and_leaves_no_probe(cli, saves, s3, space):
 
 # -- the CLI on another machine ------------------------------------------------------------------------
 def figures(text: str) -> int:
-    return text.count("Plotly.newPlot(")
+    """The report's figures, counted after its one copy of plotly.js (whose source names newPlot too)."""
+    return count_figures(self_contained(text))
 
 
 @pytest.mark.parametrize("stored", ["s3-prefix"], indirect=True)     # the commands share trial_run
