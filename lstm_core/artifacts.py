@@ -241,6 +241,7 @@ def trial_run(study: optuna.Study, number: int, store: str | None = None, root: 
     if cached(folder, files):
         return Run(folder)
     try:
+        spec = store_spec(spec)             # an override as the study would record it, in messages and source.json
         opened = open_store(spec)
     except StoreError as exc:
         raise RunError(f"cannot open {what}: {exc}") from None
