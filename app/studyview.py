@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from lstm_core.artifacts import MISSING_ATTR, has_results, trial_summary
+from lstm_core.artifacts import MISSING_ATTR, has_results, results_at
 from lstm_core.jobs import study_running
 from lstm_core.runs import TRIAL_FOLDERS, RunError, saves_root, study_dir
 from lstm_core.storage import default_storage
@@ -126,8 +126,8 @@ def contour_note(ready: Plottable, pair: list[str]) -> str | None:
 def evaluated_trials(study: optuna.Study) -> dict[int, dict]:
     """The trials whose test evaluation can be opened (from their folder here, or from the artifact store),
     and those whose upload to the store failed, whose opening says why: by number, rows of tune.trial_rows
-    with `results` ("here", "in the store" or "missing": artifacts.trial_summary)."""
-    shown = {t.number: trial_summary(t)["results"] for t in study.get_trials(deepcopy=False)
+    with `results` ("here", "in the store" or "missing": artifacts.results_at)."""
+    shown = {t.number: results_at(t) for t in study.get_trials(deepcopy=False)
              if has_results(t) or t.user_attrs.get(MISSING_ATTR)}
     return {r["number"]: {**r, "results": shown[r["number"]]} for r in trial_rows(study) if r["number"] in shown}
 
@@ -139,7 +139,7 @@ def first_trial(trials: dict[int, dict]) -> int:
     return max(scored, key=lambda r: r["value"])["number"] if scored else list(trials)[-1]
 
 
-# what a trial's label adds for one whose folder is not here (artifacts.trial_summary's `results`)
+# what a trial's label adds for one whose folder is not here (artifacts.results_at)
 WHERE = {"in the store": " · in the artifact store", "missing": " · results missing"}
 
 

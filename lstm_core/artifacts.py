@@ -16,13 +16,14 @@ upload_artifact, retried by its Backoff; one that still fails never fails the tr
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.artifacts import Backoff, FileSystemArtifactStore, download_artifact, upload_artifact
@@ -130,7 +131,6 @@ def check_store(spec: str):
     unreachable endpoint show at the start, not after the first trial's training."""
     store = open_store(spec, create=True)
     probe = f".write-probe-{os.getpid()}-{time.time_ns()}"
-    import io
     try:
         store.write(probe, io.BytesIO(b"lstm-studio"))
         store.remove(probe)
@@ -170,15 +170,16 @@ def upload_trial(trial: optuna.Trial, run: Run, store, spec: str) -> str | None:
     started = time.perf_counter()
     trial.set_user_attr(STORE_ATTR, spec)
     files: dict[str, list] = {}
+    paths = result_files(run)
     retried = Backoff(store, **RETRIES)
     try:
         with quiet_retries():
-            for path in result_files(run):
+            for path in paths:
                 artifact_id = upload_artifact(artifact_store=retried, file_path=str(path), study_or_trial=trial,
                                               mimetype=MIMETYPES.get(path.suffix, "application/octet-stream"))
                 files[path.name] = [artifact_id, path.stat().st_size]
     except Exception as exc:  # noqa: BLE001 - a store's failure of any kind must not lose the trial
-        reason = (f"{len(files)} of {len(result_files(run))} files reached the artifact store {spec}"
+        reason = (f"{len(files)} of {len(paths)} files reached the artifact store {spec}"
                   f"{endpoint(store)}: {failure_text(exc)}; they stay in {run.path} on {os.uname().nodename}")
         trial.set_user_attr(MISSING_ATTR, reason)
         return reason
@@ -294,11 +295,11 @@ def download(store, spec: str, files: dict, folder: Path, what: str) -> Run:
     return Run(folder)
 
 
-def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """Where a trial's results are, for tables: here, in the store, or missing (and why)."""
+def results_at(trial: optuna.trial.FrozenTrial) -> str:
+    """Where a trial's results are, for tables: "here", "in the store", "missing" (its upload failed: the
+    trial's MISSING_ATTR says why) or "on its machine" (its study has no store)."""
     if local_run(trial) is not None:
-        return {"results": "here"}
+        return "here"
     if trial.user_attrs.get(FILES_ATTR):
-        return {"results": "in the store"}
-    return {"results": "missing" if trial.user_attrs.get(MISSING_ATTR) else "on its machine",
-            "why": trial.user_attrs.get(MISSING_ATTR)}
+        return "in the store"
+    return "missing" if trial.user_attrs.get(MISSING_ATTR) else "on its machine"

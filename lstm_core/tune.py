@@ -203,29 +203,32 @@ TARGET = "val accuracy"        # what a person calls every trial's value (the be
 METRIC_NAME = "val_accuracy"  # what the objective returns, named in the study for every Optuna tool
 
 
+def fail_running(study: optuna.Study, whose: Callable[[optuna.trial.FrozenTrial], bool]) -> list[int]:
+    """Mark failed the RUNNING trials `whose` says a dead worker left; their numbers."""
+    numbers = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if whose(trial):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            numbers.append(trial.number)
+    return numbers
+
+
 def fail_trials_of(study_name: str, url: str, pid: int) -> list[int]:
     """Mark failed the trials that a dead worker process left RUNNING (the heartbeat would, but only after
     its grace period); their numbers."""
     study = optuna.load_study(study_name=study_name, storage=make_storage(url, heartbeat=False))
-    numbers = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker_pid") == pid:
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            numbers.append(trial.number)
-    return numbers
+    return fail_running(study, lambda trial: trial.user_attrs.get("worker_pid") == pid)
 
 
 def fail_dead_workers_trials(study: optuna.Study) -> list[int]:
     """Mark failed the RUNNING trials whose worker on this machine is gone (killed, or its machine restarted):
     what a heartbeat does for database storages, done for a journal storage, which has none, when a worker
     starts. Trials of other machines' workers are left alone: whether those run cannot be told from here."""
-    numbers = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    def gone(trial: optuna.trial.FrozenTrial) -> bool:
         worker = trial.user_attrs.get("worker") or {}
-        if worker.get("host") == socket.gethostname() and not process_alive(worker.get("pid"), worker.get("pid_start")):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            numbers.append(trial.number)
-    return numbers
+        return worker.get("host") == socket.gethostname() and not process_alive(worker.get("pid"),
+                                                                               worker.get("pid_start"))
+    return fail_running(study, gone)
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -157,7 +157,7 @@ def test_a_study_without_a_store_records_none_of_it(plain):
 def test_another_machine_downloads_a_trial_once_into_its_cache(stored, tmp_path, monkeypatch):
     study, reader = stored.study(), tmp_path / "reader"
     best = study.best_trial
-    assert artifacts.trial_summary(best) == {"results": "in the store"} and artifacts.has_results(best)
+    assert artifacts.results_at(best) == "in the store" and artifacts.has_results(best)
     run = trial_run(study, best.number, root=reader)
     assert run.path == reader / "cache" / stored.name / f"trial_{best.number}"
     worker = stored.local(best)
@@ -332,7 +332,7 @@ def check_failed_uploads(study: optuna.Study, spec: str, err: str, said: list[st
         # the upload gave up quickly: from the end of training (eval.json) to the trial's end
         trained = Path(trial.user_attrs["run_dir"], "eval.json").stat().st_mtime
         assert trial.datetime_complete.timestamp() - trained < 12
-    assert artifacts.trial_summary(study.trials[0])["results"] == "here"
+    assert artifacts.results_at(study.trials[0]) == "here"
     shutil.rmtree(study.trials[0].user_attrs["run_dir"])    # another machine, then: the record says why
     error = one_line_error(lambda: trial_run(study, 0, root=reader))
     assert error == f"trial 0 of study {study.study_name} is not in the artifact store: " \
