@@ -200,6 +200,13 @@ def open_on_draw(run_id: str) -> None:
     st.switch_page("pages/draw.py")
 
 
+def open_on_runs(run_ids: list[str], notice: str | None = None) -> None:
+    """Switch to the Runs page with these runs selected, until rows are picked in its table, and `notice`
+    above it."""
+    st.session_state.update(runs_opened=list(run_ids), runs_notice=notice)
+    st.switch_page("pages/runs.py")
+
+
 def listed_runs() -> list[dict] | None:
     """Every run (runs.list_runs) under a caption naming their folder; None after saying why they cannot
     be read, [] after saying there are none. Read on every rerun (no cache): a run that trains or ends

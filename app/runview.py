@@ -14,7 +14,9 @@ import pandas as pd
 
 from lstm_core.config import ConfigError
 from lstm_core.jobs import delete_run
-from lstm_core.runs import LIVE_STATES, Run, RunError, describe_model, format_seconds, open_run, run_at
+from lstm_core.plots import epoch_at
+from lstm_core.runs import (LIVE_STATES, Run, RunError, cell_name, describe_model, format_seconds, open_run,
+                            run_at)
 
 
 def model_label(row: dict) -> str:
@@ -154,6 +156,50 @@ def run_curves(run_ids: list[str]) -> tuple[dict[str, list[dict]], list[tuple[st
         else:
             notes.append(("caption", f"`{run_id}` has not finished an epoch yet."))
     return curves, notes
+
+
+def run_step_gradients(run_ids: list[str]) -> tuple[dict[str, dict], list[tuple[str, str]]]:
+    """The gradient over time each run last recorded (train.step_gradient_norms), under a label naming the
+    run, its cell and the accuracy it reached ("r3 · GRU · 98.9%"): {"norms", "steps" (its sequence length),
+    "epoch" (when it was measured)}; and notes (level, line) naming the runs that have none: a CNN, a run
+    from before it was recorded or not yet at its first progress record, a run that cannot be read."""
+    series, notes, without = {}, [], []
+    for run_id in run_ids:
+        try:
+            run = open_run(run_id)
+            config, metrics, evaluation = run.config(), run.metrics(), run.eval() or {}
+        except (RunError, ConfigError, OSError) as exc:
+            notes.append(("error", f"Could not read the gradients of `{run_id}`: {exc}"))
+            continue
+        records = [r for r in metrics if r.get("event") == "batch" and r.get("step_grad_norms")]
+        if config.arch == "cnn" or not records:
+            without.append(run_id)
+            continue
+        if evaluation.get("test_accuracy") is not None:
+            reached = f"{evaluation['test_accuracy']:.1%}"
+        else:
+            epochs = [r["val_accuracy"] for r in metrics if r.get("event") == "epoch"]
+            reached = f"val {max(epochs):.1%}" if epochs else "no epoch yet"
+        latest = records[-1]
+        series[f"{run.id} · {cell_name(config.to_dict())} · {reached}"] = {
+            "norms": latest["step_grad_norms"], "steps": config.seq_shape[0], "epoch": epoch_at(latest)}
+    if without:
+        notes.append(("caption", f"No gradient over time for {', '.join(f'`{i}`' for i in without)}: a CNN reads no "
+                                 "sequence; a run from before it was recorded, or before its first progress "
+                                 "record, has none."))
+    return series, notes
+
+
+def live_runs(run_ids: list[str]) -> list[str]:
+    """The runs among `run_ids` still queued or running (runs that cannot be read are not)."""
+    live = []
+    for run_id in run_ids:
+        try:
+            if open_run(run_id).status().get("state") in LIVE_STATES:
+                live.append(run_id)
+        except (RunError, OSError):
+            continue
+    return live
 
 
 # (file name in the run directory, Run attribute holding its path): the weights a run offers

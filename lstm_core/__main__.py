@@ -21,7 +21,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (CHOICES, FIELD_TYPES, LSTM_ONLY, PRESETS, ConfigError, DataUnavailable, TrainConfig, flag,
+from .config import (CHOICES, FIELD_TYPES, RECURRENT_ONLY, PRESETS, ConfigError, DataUnavailable, TrainConfig, flag,
                      from_dict, preset, read_mapping)
 
 EXIT_USAGE = 2
@@ -61,10 +61,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update(flags)
     config = from_dict(values)
     if config.arch == "cnn":        # a CNN would ignore them, and its config would claim it had used them
-        ignored = [f for f in LSTM_ONLY if f in flags or (args.config and f in file_values)]
+        ignored = [f for f in RECURRENT_ONLY if f in flags or (args.config and f in file_values)]
         if ignored:
-            raise UsageError(f"{', '.join(flag(f) for f in ignored)} only apply to LSTMs, and this config trains a "
-                             "CNN (arch cnn): drop them, or add --arch lstm")
+            raise UsageError(f"{', '.join(flag(f) for f in ignored)} only apply to recurrent models (LSTM, GRU, RNN), "
+                             "and this config trains a CNN (arch cnn): drop them, or add --arch lstm")
     return config
 
 
@@ -256,7 +256,9 @@ class ProgressPrinter:
         self.tty = self.stream.isatty()
 
     def on_run_start(self, state) -> None:
-        self.stream.write(f"training {state.config.arch} on {state.device}: {state.n_train} samples, "
+        config = state.config
+        model = config.arch if config.arch == "cnn" else f"{'bi' if config.bidirectional else ''}{config.cell}"
+        self.stream.write(f"training {model} on {state.device}: {state.n_train} samples, "
                           f"{state.steps_per_epoch} batches/epoch, {state.config.epochs} epoch(s)\n")
 
     def on_batch(self, state, r: dict) -> None:
@@ -393,7 +395,7 @@ def study_trial(args: argparse.Namespace):
 
 
 def command_runs(args: argparse.Namespace) -> int:
-    from .runs import check_saves, format_seconds, list_runs, to_json
+    from .runs import cell_name, check_saves, format_seconds, list_runs, to_json
 
     rows = list_runs(check_saves(args.saves, write=False, below=("runs",)))
     if args.json:
@@ -405,8 +407,7 @@ def command_runs(args: argparse.Namespace) -> int:
     pct = lambda x: f"{x:.2%}" if x is not None else "-"  # noqa: E731
     table = [("run", "state", "model", "epochs", "best val", "test", "time", "device")]
     for r in rows:
-        model = "cnn" if r["arch"] == "cnn" else (f"{'bi' if r['bidirectional'] else ''}lstm "
-                                                  f"{r['num_layers']}x{r['hidden_size']} {r['seq_mode']}")
+        model = "cnn" if r["arch"] == "cnn" else f"{cell_name(r).lower()} {r['num_layers']}x{r['hidden_size']} {r['seq_mode']}"
         if r["damaged"]:                # no model to describe: say why instead
             model = f"damaged: {r['damaged']}"
         table.append((r["id"], r["state"], model, f"{r['epochs_done']}/{r['epochs'] or '?'}",

@@ -4,6 +4,7 @@
     python -m lstm_core.bench --tta                  # + wall time for `default` to reach 99.0% test accuracy
     python -m lstm_core.bench --tta --tta-seeds 0 1 2   # the same over three seeds: median and range
     python -m lstm_core.bench --full default best    # + train presets to the end: test accuracy, wall time
+    python -m lstm_core.bench --quick --presets --full default gru rnn --full-seeds 0 1 2   # the cells compared
     python -m lstm_core.bench --device cuda          # the same on a GPU (default: auto, the GPU where there is one)
 
 Training throughput is the real loop (fit) on real data: the median of its progress windows after the
@@ -15,9 +16,10 @@ matrix multiply of the same dtype, measured in the same run. The baseline is the
 torchvision's MNIST dataset, a DataLoader with per-sample ToTensor/Normalize, the same model and batch.
 
 On a CPU the rows are fp32 (the fused CPU LSTM, lstm_core.cpu), fp32-torch (torch's nn.LSTM, oneDNN) and
-bf16 where the CPU has bf16 instructions. On a GPU they are fp32 (amp=off: TF32 matmuls, as fit runs it),
-amp (amp=auto: what devices.policy_for decides, fp16 autocast with loss scaling for cuDNN's LSTM) and, for
-LSTMs, fp32-native: torch's own CUDA LSTM with cuDNN turned off. Every row's roofline divides by the GEMM peak of
+bf16 where the CPU has bf16 instructions; the GRU and RNN rows (gru, rnn, PRESET/CELL) are torch's own
+layers against the same peak, so their roofline reads as their speed at equal work beside the LSTM's. On a
+GPU they are fp32 (amp=off: TF32 matmuls, as fit runs it), amp (amp=auto: what devices.policy_for decides,
+fp16 autocast with loss scaling for cuDNN's LSTM) and fp32-native: torch's own CUDA layer with cuDNN off. Every row's roofline divides by the GEMM peak of
 the dtype its LSTM really computes in (policy.lstm_dtype; TF32 for fp32 on a GPU).
 """
 from __future__ import annotations
@@ -56,6 +58,9 @@ class Throughput(Callback):
 
 
 # -- FLOPs and the roofline --------------------------------------------------------------------
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "irnn": 1}    # weight blocks per cell: its GEMMs' width in hidden sizes
+
+
 def flops_per_sample(config: TrainConfig) -> float:
     """Training FLOPs per sample: the forward pass's multiply-adds x 2, times 3 (backward ~ 2x forward)."""
     if config.arch == "cnn":
@@ -65,10 +70,11 @@ def flops_per_sample(config: TrainConfig) -> float:
         return 3 * forward
     steps, features = config.seq_shape
     directions = 2 if config.bidirectional else 1
+    gates = GATES[config.cell]
     forward = 0
     for layer in range(config.num_layers):
         inputs = features if layer == 0 else config.hidden_size * directions
-        forward += directions * steps * 2 * 4 * config.hidden_size * (inputs + config.hidden_size)
+        forward += directions * steps * 2 * gates * config.hidden_size * (inputs + config.hidden_size)
     forward += 2 * config.hidden_size * directions * 10
     return 3 * forward
 
@@ -134,7 +140,7 @@ def gemm_bound(config: TrainConfig, repeats: int = 3) -> float | None:
     """Samples/s of a training step that did nothing but the fused kernel's GEMMs: the same calls, shapes
     and threads, without gate loops, optimizer or data. No kernel built on these GEMMs trains faster here.
     None where the fused kernel does not train this model."""
-    if config.arch != "lstm" or not cpu.available():
+    if config.arch != "lstm" or config.cell != "lstm" or not cpu.available():
         return None
     steps, features = config.seq_shape
     directions = 2 if config.bidirectional else 1
@@ -175,12 +181,19 @@ def first_test_samples(mnist, n: int):
     return dataclasses.replace(mnist, test_images=mnist.test_images[:n], test_labels=mnist.test_labels[:n])
 
 
+def bench_config(name: str) -> TrainConfig:
+    """A preset by name, or "PRESET/CELL": that preset with another recurrent cell ("pixel/gru"), so the
+    cells are timed at equal work."""
+    name, _, cell = name.partition("/")
+    return preset(name).replace(cell=cell) if cell else preset(name)
+
+
 def variants(config: TrainConfig, device: torch.device) -> list[tuple[str, TrainConfig]]:
     """The rows a preset gets on `device`, each with the config it trains (see the module's docstring)."""
     if device.type == "cuda":
         names = ["fp32", "amp"] + (["fp32-native"] if config.arch == "lstm" else [])
     else:
-        names = (["fp32"] + (["fp32-torch"] if config.arch == "lstm" and cpu.available() else [])
+        names = (["fp32"] + (["fp32-torch"] if config.arch == config.cell == "lstm" and cpu.available() else [])
                  + (["bf16"] if cpu_has_bf16() else []))
     amp = {"amp": "auto", "bf16": "bf16"}
     return [(name, config.replace(amp=amp.get(name, "off"))) for name in names]
@@ -346,18 +359,28 @@ def seed_summary(seeds: list[int], runs: list[dict]) -> dict:
 
 
 def full_run(name: str, mnist, **changes) -> dict:
-    """Train preset `name` (with `changes` to its config) to the end: test accuracy and wall time."""
+    """Train preset `name` (bench_config: "PRESET/CELL" too; with `changes` to its config) to the end: test
+    accuracy and wall time."""
+    config = bench_config(name).replace(**changes)
     started = time.perf_counter()
-    history = fit(preset(name).replace(**changes), data=mnist)
-    return {"preset": name, "test_accuracy": history.test["accuracy"], "wall_seconds": time.perf_counter() - started,
+    history = fit(config, data=mnist)
+    return {"preset": name, "seed": config.seed, "epochs_asked": config.epochs,
+            "test_accuracy": history.test["accuracy"], "wall_seconds": time.perf_counter() - started,
             "train_seconds": history.train_seconds, "epochs": len(history.epochs), "best_epoch": history.best_epoch,
             "stopped": history.stopped}
+
+
+def spread(values: list[float]) -> str:
+    """Median and range, as the README writes a figure over seeds: "99.31% (99.16% to 99.33%)"."""
+    return f"{statistics.median(values):.2%} ({min(values):.2%} to {max(values):.2%})"
 
 
 # -- the report --------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lstm_core.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="*", default=["default", "tutorial", "bilstm", "pixel"])
+    parser.add_argument("--presets", nargs="*", default=["default", "tutorial", "bilstm", "pixel", "gru", "rnn",
+                                                          "pixel/gru", "pixel/rnn"],
+                        help="presets to time; PRESET/CELL: the preset with another recurrent cell")
     parser.add_argument("--device", default="auto", help="auto (a GPU where there is one), cpu, cuda, cuda:N")
     parser.add_argument("--quick", action="store_true", help="skip evaluation and latency")
     parser.add_argument("--samples", type=int, default=12800, help="training samples per throughput figure")
@@ -367,7 +390,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tta-epochs", type=int, default=0, help="train this many epochs (0: the preset's)")
     parser.add_argument("--tta-seeds", type=int, nargs="+", default=None, metavar="SEED",
                         help="train once per seed (default: the preset's); with several, their median and range")
-    parser.add_argument("--full", nargs="*", default=[], metavar="PRESET", help="train these presets to the end")
+    parser.add_argument("--full", nargs="*", default=[], metavar="PRESET",
+                        help="train these presets (or PRESET/CELL) to the end")
+    parser.add_argument("--full-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="train each --full preset once per seed: their median and range")
+    parser.add_argument("--full-epochs", type=int, default=0, help="--full trains this many epochs (0: the preset's)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -388,7 +415,7 @@ def main(argv=None) -> int:
     print(f"samples/s: {TIMING}", flush=True)
     print(table_header(device), flush=True)
     for name in args.presets:
-        base = preset(name).replace(device=str(device))
+        base = bench_config(name).replace(device=str(device))
         samples = args.samples // 8 if base.seq_mode != "rows" else args.samples   # 784 steps: slower
         try:
             baseline = baseline_throughput(base, batches=10 if base.seq_mode != "rows" else 60)
@@ -435,10 +462,20 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result["full"] = []
     for name in args.full:
-        atomic_write_json(out, result)                          # full runs are long: keep what is measured so far
-        result["full"].append(row := full_run(name, mnist, device=str(device)))
-        print(f"full {name}: test accuracy {row['test_accuracy']:.2%} in {row['wall_seconds']:.0f} s "
-              f"({row['epochs']} epochs, best {row['best_epoch']}, {row['stopped']})", flush=True)
+        rows = []
+        for seed in args.full_seeds or [None]:
+            atomic_write_json(out, result)                      # full runs are long: keep what is measured so far
+            changes = {"device": str(device), **({"seed": seed} if seed is not None else {}),
+                       **({"epochs": args.full_epochs} if args.full_epochs else {})}
+            result["full"].append(row := full_run(name, mnist, **changes))
+            rows.append(row)
+            print(f"full {name}, seed {row['seed']}: test accuracy {row['test_accuracy']:.2%} in "
+                  f"{row['wall_seconds']:.0f} s ({row['epochs']} epochs, best {row['best_epoch']}, {row['stopped']})",
+                  flush=True)
+        if len(rows) > 1:
+            print(f"full {name} over seeds {', '.join(str(r['seed']) for r in rows)}: test accuracy median "
+                  f"{spread([r['test_accuracy'] for r in rows])}, wall time median "
+                  f"{statistics.median(r['wall_seconds'] for r in rows):.0f} s", flush=True)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak memory of this process: {result['peak_rss_mb']:.0f} MB", flush=True)
     atomic_write_json(out, result)

@@ -235,6 +235,36 @@ def overlay_figure(runs: dict[str, list[dict]], metric: str = "val_accuracy", he
     return fig
 
 
+def step_gradient_overlay_figure(runs: dict[str, dict], height: int = 380) -> go.Figure:
+    """The gradient reaching each time step (train.step_gradient_norms) of several runs, one line each, on a
+    log axis: flat lines mean every step is learned from; lines falling by orders of magnitude towards step 1
+    are vanishing gradients. `runs`: label -> {"norms": one per equal span of the sequence, first step first,
+    "steps": the sequence's length, "epoch": when they were measured}. The time axis is the share of each
+    run's sequence, so runs on rows (28 steps) and on pixels (784) line up; the hover names the steps. A span
+    no gradient reached (it underflowed to 0) cannot sit on a log axis: it is left out, and a note says so."""
+    fig = go.Figure()
+    underflow = False
+    for label, run in runs.items():
+        norms, steps = run["norms"], run["steps"]
+        spans = len(norms)
+        first = [round(k * steps / spans) + 1 for k in range(spans)]
+        last = [round((k + 1) * steps / spans) for k in range(spans)]
+        underflow |= any(v == 0 for v in norms)
+        fig.add_trace(go.Scatter(
+            x=[(k + 0.5) / spans for k in range(spans)], y=[v if v else None for v in norms], name=label,
+            mode="lines", customdata=[f"step {a}" if a == b else f"steps {a}–{b}" for a, b in zip(first, last)],
+            hovertemplate=f"{label}<br>%{{customdata}} of {steps} (epoch {run['epoch']:.2f})"
+                          "<br>gradient %{y:.3g}<extra></extra>"))
+    if underflow:
+        fig.add_annotation(text="no gradient at all reaches the missing steps (it underflows to 0)", showarrow=False,
+                           xref="paper", yref="paper", x=0, y=1.08, xanchor="left", font={"size": 11, "color": "red"})
+    fig.update_xaxes(title_text="time step, as a share of each run's sequence (rows: 28 steps, pixels: 784)",
+                     range=[0, 1], tickformat=".0%")
+    fig.update_yaxes(title_text="gradient at the step", **log_axis(v for trace in fig.data for v in trace.y))
+    fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 30, "b": 10}, legend=legend_below())
+    return fig
+
+
 def per_class_figure(per_class: list[dict], height: int = 320) -> go.Figure:
     """Precision, recall and F1 of each digit, grouped bars."""
     fig = go.Figure()
@@ -366,6 +396,32 @@ def hidden_figure(hidden: list[list[float]], unit: str, limit: int = MAX_HIDDEN_
                        {"title": {"text": "hidden unit"}, "type": "category", "side": "top", "showticklabels": False},
                        {"title": {"text": f"{unit} read"}, "autorange": "reversed"},
                        title={"text": f"Hidden state{shown}", "y": 0.99})
+
+
+# each gate's letter in the cell's equations, on its colour bar
+GATE_SYMBOLS = {"input gate": "i", "forget gate": "f", "output gate": "o", "cell state": "c", "reset gate": "r",
+                "update gate": "z"}
+
+
+def gates_figure(values: list[list[float]], name: str, unit: str, units: list[int] | None = None,
+                 height: int = 380) -> go.Figure:
+    """One of the last layer's gates over time (T, D*H) (preprocess.Prediction.gates), from 0 (shut) to 1
+    (open); the "cell state", an LSTM's memory, is unbounded and diverges around 0, as the hidden state does.
+    `units`: the columns to show (the hidden state figure's, so that a unit is the same column in every
+    figure), else the most varying ones."""
+    width = len(values[0])
+    units = most_varying(values) if units is None else units
+    z = values if len(units) == width else [[row[u] for u in units] for row in values]
+    shown = "" if len(units) == width else f" ({len(units)} of {width} units)"
+    scale = ({"colorscale": SCALES["RdBu"], "zmid": 0} if name == "cell state"
+             else {"colorscale": SCALES["Blues"], "zmin": 0, "zmax": 1})
+    trace = {"type": "heatmap", "z": z, "x": [str(u) for u in units], "y": list(range(1, len(values) + 1)), **scale,
+             "colorbar": {"title": {"text": GATE_SYMBOLS.get(name, "")}},
+             "hovertemplate": f"{unit} %{{y}}, unit %{{x}}: %{{z:.3f}}<extra></extra>"}
+    return dict_figure(trace, height, HEATMAP_MARGIN,
+                       {"title": {"text": "hidden unit"}, "type": "category", "side": "top", "showticklabels": False},
+                       {"title": {"text": f"{unit} read"}, "autorange": "reversed"},
+                       title={"text": f"{name.capitalize()}{shown}", "y": 0.99})
 
 
 # -- a study: Optuna's own plots ---------------------------------------------------------------------

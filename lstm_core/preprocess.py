@@ -6,7 +6,7 @@ same, after turning the input into white ink on black.
 
     digit = from_upload(png_bytes)            # or from_canvas(rgba array)
     if digit.empty: ...                       # nothing drawn: prompt, don't predict
-    result = predict(model, config, digit)    # probabilities, and per-row beliefs for an LSTM
+    result = predict(model, config, digit)    # probabilities; a recurrent model's per-row beliefs and gates
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import cpu
 from .config import TrainConfig
 from .data import model_input, normalize
+from .gates import last_layer
 
 MAX_PIXELS = 40_000_000       # refuse larger images before decoding them (decompression bombs)
 INK_THRESHOLD = 0.15          # ink is brighter than this fraction of the peak (above paper texture and noise)
@@ -139,25 +140,34 @@ class Prediction:
     probabilities: list[float]            # 10 class probabilities
     digit: int
     confidence: float
-    steps: list[list[float]] | None       # (T, 10) probabilities after each step (unidirectional LSTM)
-    hidden: list[list[float]] | None      # (T, H) last-layer activations (LSTM)
+    steps: list[list[float]] | None       # (T, 10) probabilities after each step (unidirectional models)
+    hidden: list[list[float]] | None      # (T, D*H) last-layer activations (recurrent models)
+    # the last layer's gates, name -> (T, D*H) (gates.last_layer): an LSTM's input, forget and output gates
+    # and cell state, a GRU's reset and update gates; None for a plain RNN and a CNN, which have none
+    gates: dict[str, list[list[float]]] | None = None
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, config: TrainConfig, digit: Digit, details: bool = True) -> Prediction:
-    """Class probabilities for one digit; with `details`, the LSTM's belief and hidden state per step."""
+def predict(model: torch.nn.Module, config: TrainConfig, digit: Digit, details: bool = True,
+            gates: bool = False) -> Prediction:
+    """Class probabilities for one digit; with `details`, a recurrent model's belief and hidden state per
+    step, and with `gates` too its last layer's gates (an LSTM's or a GRU's: a plain RNN has none)."""
     device = next(model.parameters()).device
     if device.type == "cpu":
         cpu.accelerate(model)
     x = model_input(normalize(digit.image.to(device))[None], config)              # (1, T, F) or (1, 1, 28, 28)
-    steps = hidden = None
+    steps = hidden = values = None
     if details and config.arch == "lstm":
         states = model.hidden_states(x)                                          # (1, T, D*H), one pass
         probs = model.logits_from_states(states).softmax(1)[0]
         hidden = states[0].float().cpu().tolist()
         if not config.bidirectional:
             steps = model.logits_per_step(states).softmax(2)[0].float().cpu().tolist()
+        layer = last_layer(model.recurrent, x, states) if gates else None     # from the states: no second pass
+        if layer is not None:
+            stacked = torch.stack(list(layer.values.values()))[:, 0].cpu().tolist()   # one copy off the device
+            values = dict(zip(layer.values, stacked))
     else:
         probs = model(x).softmax(1)[0]
     p = probs.float().cpu()
-    return Prediction(p.tolist(), int(p.argmax()), float(p.max()), steps, hidden)
+    return Prediction(p.tolist(), int(p.argmax()), float(p.max()), steps, hidden, values)

@@ -534,15 +534,20 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+def cell_name(row: dict) -> str:
+    """A recurrent run's cell as people write it: "LSTM", "BiGRU", "IRNN" (runs from before the GRU and
+    RNN recorded no cell: they are LSTMs)."""
+    return ("Bi" if row.get("bidirectional") else "") + (row.get("cell") or "lstm").upper()
+
+
 def describe_model(row: dict) -> str:
-    """A run's model in a few words: "LSTM 1x128, rows", "BiLSTM 2x128, rows", "CNN"; for a damaged run, why
+    """A run's model in a few words: "LSTM 1x128, rows", "BiGRU 2x128, rows", "CNN"; for a damaged run, why
     there is none to describe: "damaged: config.json: not JSON (line 1 column 7)"."""
     if row.get("damaged"):
         return f"damaged: {row['damaged']}"
     if row.get("arch") == "cnn":
         return "CNN"
-    kind = "BiLSTM" if row.get("bidirectional") else "LSTM"
-    return f"{kind} {row.get('num_layers')}x{row.get('hidden_size')}, {row.get('seq_mode')}"
+    return f"{cell_name(row)} {row.get('num_layers')}x{row.get('hidden_size')}, {row.get('seq_mode')}"
 
 
 def summarize(run: Run) -> dict:
@@ -556,7 +561,7 @@ def summarize(run: Run) -> dict:
     started, ended = status.get("started_at"), status.get("ended_at") or status.get("heartbeat_at")
     return {
         "id": run.id, "path": str(run.path), "state": status.get("state", "unknown"),
-        "arch": cfg.get("arch"), "seq_mode": cfg.get("seq_mode"), "hidden_size": cfg.get("hidden_size"),
+        "arch": cfg.get("arch"), "cell": cfg.get("cell", "lstm") if cfg else None, "seq_mode": cfg.get("seq_mode"), "hidden_size": cfg.get("hidden_size"),
         "num_layers": cfg.get("num_layers"), "bidirectional": cfg.get("bidirectional"),
         "optimizer": cfg.get("optimizer"), "lr": cfg.get("lr"), "batch_size": cfg.get("batch_size"),
         "epochs_done": len(epochs), "epochs": cfg.get("epochs"),

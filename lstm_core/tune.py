@@ -26,7 +26,7 @@ from typing import Any, Callable
 import optuna
 
 from .artifacts import STORE_ATTR, open_store, store_spec, upload_trial
-from .config import CHOICES, FIELD_TYPES, LSTM_ONLY, ConfigError, TrainConfig, from_dict, read_mapping
+from .config import CHOICES, FIELD_TYPES, RECURRENT_ONLY, ConfigError, TrainConfig, from_dict, read_mapping
 from .jobs import StopRequest, device_lock, training_devices
 from .recorder import RunRecorder
 from .runs import create_run, os_error_text, process_alive, process_start_time, safe_name, study_dir
@@ -37,6 +37,7 @@ from .train import Callback, fit
 # what fixes the comparison itself (epochs, the data sizes, seed) or only where and how a run computes (device,
 # threads, logging), and arch: a CNN ignores the LSTM's fields, so a search over both would mix two spaces.
 SEARCH_RANGES: dict[str, dict[str, Any]] = {
+    "cell": {"type": "categorical", "choices": list(CHOICES["cell"])},
     "seq_mode": {"type": "categorical", "choices": ["rows", "pixels"]},
     "hidden_size": {"type": "int", "low": 32, "high": 128},
     "num_layers": {"type": "int", "low": 1, "high": 3},
@@ -105,11 +106,12 @@ def check_space(space: Any, base: TrainConfig | None = None) -> dict[str, dict[s
                 except ConfigError as exc:
                     raise SpaceError(f"search space: with {name} = {value!r}: {exc}") from None
     cnn = (base is not None and base.arch == "cnn") or "cnn" in (space.get("arch") or {}).get("choices", ())
-    ignored = [name for name in space if name in LSTM_ONLY]
+    ignored = [name for name in space if name in RECURRENT_ONLY]
     if cnn and ignored:
-        raise SpaceError(f"search space: {', '.join(ignored)} only apply to LSTMs, and the trials would train a CNN "
+        raise SpaceError(f"search space: {', '.join(ignored)} only apply to recurrent models (LSTM, GRU, RNN), and "
+                         "the trials would train a CNN "
                          "(arch cnn), which ignores them while its trials record them: drop them from the space, "
-                         "or train an LSTM (arch lstm, or an LSTM preset)")
+                         "or train a recurrent model (arch lstm, or an LSTM, GRU or RNN preset)")
     return space
 
 

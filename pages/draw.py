@@ -10,10 +10,11 @@ import streamlit as st
 
 from lstm_core.config import ConfigError, preset
 from lstm_core.jobs import launch_training
-from lstm_core.plots import hidden_figure, input_figure, probability_figure, steps_figure
+from lstm_core.plots import gates_figure, hidden_figure, input_figure, most_varying, probability_figure, steps_figure
 from lstm_core.preprocess import Digit, ImageError, Prediction, from_canvas, from_upload, predict
 from lstm_core.runs import LIVE_STATES, RunError, list_models, list_runs
-from app.drawview import preview, readings, run_to_watch, step_unit, steps_caption
+from app.drawview import (gate_panels, gates_caption, no_beliefs_note, no_gates_note, preview, reading_heading,
+                          readings, run_to_watch, step_unit, steps_caption)
 from app.pagekit import leave_legacy_navigation, run_model, saved
 from app.runview import model_label, run_progress
 from app.trialopen import trial_opener
@@ -22,6 +23,9 @@ leave_legacy_navigation()     # a fresh server's first request named this page: 
 
 CANVAS_SIZE = 280           # px; ten canvas pixels per MNIST pixel
 WATCH_REFRESH = 2.0         # s between looks at a training run (no model yet)
+GATES_HELP = ("How an LSTM's input, forget and output gates and its cell state, or a GRU's update and reset gates, "
+              "open and shut as it reads the digit")
+GATES_HINT = "Turn on **Gates** above to watch the gates that decide what the model keeps, step by step."
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tiff"]
 
 try:
@@ -37,13 +41,14 @@ else:
 STATE = {"draw_canvas": 0,         # part of the canvas key: Clear bumps it for a fresh canvas
          "draw_stroke": 20,        # px on the 280 px canvas: about MNIST's stroke width
          "draw_run": None,         # the model to preselect (the Train page sets it too)
-         "draw_quick_run": None}   # the run Quick train started, watched until it completes
+         "draw_quick_run": None,   # the run Quick train started, watched until it completes
+         "draw_gates": False}      # the gates' figures: off, a stroke then costs a fraction of their drawing
 
 
 # -- showing a reading -------------------------------------------------------------------------
 def show_prediction(where: str, digit: Digit, model, config) -> Prediction:
     """Top digit, the 28x28 model input and the ten probabilities, in the current container."""
-    prediction = predict(model, config, digit)
+    prediction = predict(model, config, digit, gates=st.session_state.draw_gates)
     picture, numbers = st.columns([2, 3], vertical_alignment="center")
     with picture:
         st.plotly_chart(input_figure(digit.image), key=f"{where}_input", config={"displayModeBar": False})
@@ -82,15 +87,35 @@ def show_reading(where: str, side, digit: Digit, prompt: str, model, config, mod
     if prediction.hidden is None:
         return                                      # a CNN: no sequence to look into
     unit = step_unit(config)
-    st.subheader("How the LSTM reads it")
+    st.subheader(reading_heading(config))
     left, right = st.columns(2)
     if prediction.steps is not None:
         left.plotly_chart(steps_figure(prediction.steps, unit), key=f"{where}_steps")
     else:
-        left.info("A bidirectional LSTM has read the whole image at every step, so it has no belief "
-                  "'so far' to show; its hidden state is on the right.")
+        left.info(no_beliefs_note(config))
     right.plotly_chart(hidden_figure(prediction.hidden, unit), key=f"{where}_hidden")
     st.caption(steps_caption(config, prediction.steps is not None))
+    if st.session_state.draw_gates:
+        show_gates(where, prediction, config)
+    else:
+        st.caption(GATES_HINT)
+
+
+def show_gates(where: str, prediction: Prediction, config) -> None:
+    """The last layer's gates, two figures to a row, for the hidden state figure's units; a note instead
+    for a plain RNN, which has none."""
+    if prediction.gates is None:
+        st.caption(no_gates_note(config))
+        return
+    unit = step_unit(config)
+    units = most_varying(prediction.hidden)
+    panels = gate_panels(config, prediction.gates)
+    for row in range(0, len(panels), 2):
+        for column, (name, words) in zip(st.columns(2), panels[row:row + 2]):
+            column.plotly_chart(gates_figure(prediction.gates[name], name, unit, units),
+                                key=f"{where}_{name.replace(' ', '_')}")
+            column.caption(words)
+    st.caption(gates_caption(config))
 
 
 def clear_canvas() -> None:
@@ -198,11 +223,12 @@ def draw_page() -> None:
     # the index changed
     wanted = st.session_state.draw_run
     st.session_state.draw_model = wanted if wanted in ids else ids[0]
-    pick, toggle = st.columns([4, 1], vertical_alignment="bottom")
+    pick, toggle, gates = st.columns([4, 1, 1], vertical_alignment="bottom")
     chosen = pick.selectbox("Model", ids, key="draw_model", on_change=remember_model,
                             format_func=lambda i: model_label(models[ids.index(i)]),
                             help="Every completed run, best validation accuracy first")
     compare = toggle.toggle("All models", key="draw_compare", help="Classify the same input with every model")
+    gates.toggle("Gates", key="draw_gates", help=GATES_HELP)
     try:
         model, config = run_model(models[ids.index(chosen)]["path"])
     except (RunError, OSError) as exc:

@@ -1,11 +1,13 @@
-"""Runs: every saved run in one table; overlay the curves of the selected runs, download their weights,
-delete them (after a confirmation)."""
+"""Runs: every saved run in one table; overlay the curves and the gradient over time of the selected runs
+(or of the runs the Train page's comparison just started), download their weights, delete them (after a
+confirmation)."""
 import streamlit as st
 
-from lstm_core.plots import overlay_figure
-from lstm_core.runs import RunError, open_run
-from app.pagekit import leave_legacy_navigation, listed_runs
-from app.runview import delete_runs, environment_text, run_curves, runs_table, selection_key, weight_files
+from lstm_core.plots import overlay_figure, step_gradient_overlay_figure
+from lstm_core.runs import LIVE_STATES, RunError, open_run
+from app.pagekit import leave_legacy_navigation, listed_runs, rerun_when_ended
+from app.runview import (delete_runs, environment_text, live_runs, run_curves, run_step_gradients, runs_table,
+                         selection_key, weight_files)
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
@@ -28,6 +30,10 @@ COLUMNS = {
     "created_at": st.column_config.DatetimeColumn("Created (UTC)", format="YYYY-MM-DD HH:mm:ss"),
 }
 METRICS = ("val_accuracy", "val_loss", "train_loss", "train_accuracy", "val_error")
+REFRESH_SECONDS = 2.0       # how often the curves and gradients of selected runs still training are re-read
+STEPS_NOTE = ("Each run's latest record of the gradient reaching each part of its sequence (log scale): flat, every "
+              "step is learned from; falling by orders of magnitude towards step 1, the gradient vanishes and the "
+              "first steps are barely learned from.")
 
 
 def show_delete_report() -> None:
@@ -66,6 +72,23 @@ def overlay(selected: list[str]) -> None:
         st.plotly_chart(overlay_figure(curves, metric), key="overlay")
 
 
+def gradients(selected: list[str]) -> None:
+    st.subheader("Gradient over time")
+    series, notes = run_step_gradients(selected)
+    if series:
+        st.plotly_chart(step_gradient_overlay_figure(series), key="step_overlay")
+        st.caption(STEPS_NOTE)
+    for level, line in notes:
+        getattr(st, level)(line)
+
+
+def compared(selected: list[str]) -> None:
+    """The curves and gradients of the selected runs; re-run every few seconds while one of them trains."""
+    rerun_when_ended("runs_view_live", "\n".join(selected), bool(live_runs(selected)))
+    overlay(selected)
+    gradients(selected)
+
+
 def downloads(selected: list[str]) -> None:
     st.subheader("Where they trained, and their weights")
     for run_id in selected:
@@ -89,6 +112,9 @@ def downloads(selected: list[str]) -> None:
 def runs_page() -> None:
     st.session_state.setdefault("confirm_delete", [])    # run ids waiting for "Yes, delete"
     st.title("Runs")
+    notice = st.session_state.pop("runs_notice", None)
+    if notice:
+        st.info(notice)
     show_delete_report()
     runs = listed_runs()
     if not runs:
@@ -96,7 +122,15 @@ def runs_page() -> None:
     ids = [r["id"] for r in runs]
     event = st.dataframe(runs_table(runs), hide_index=True, column_order=list(COLUMNS), column_config=COLUMNS,
                          on_select="rerun", selection_mode="multi-row", key=selection_key("runs_table", ids))
-    selected = [ids[i] for i in event.selection.rows if 0 <= i < len(ids)]
+    picked = [ids[i] for i in event.selection.rows if 0 <= i < len(ids)]
+    # the runs another page opened this one on (pagekit.open_on_runs) stand as the selection until rows are picked
+    opened = [run_id for run_id in st.session_state.get("runs_opened", ()) if run_id in ids]
+    if picked or not opened:
+        st.session_state.pop("runs_opened", None)
+    selected = picked or opened
+    if opened and not picked:
+        st.caption("Showing " + ", ".join(f"`{run_id}`" for run_id in opened) + ": select rows in the table to "
+                   "compare others.")
     confirm_delete()
     if not selected:
         st.caption("Select rows in the table to compare their curves, download their weights or delete them.")
@@ -104,7 +138,8 @@ def runs_page() -> None:
     if st.button(f"Delete selected ({len(selected)})", icon=":material/delete:", key="delete_selected"):
         st.session_state.confirm_delete = selected
         st.rerun()
-    overlay(selected)
+    live = any(r["state"] in LIVE_STATES for r in runs if r["id"] in selected)
+    st.fragment(compared, run_every=REFRESH_SECONDS if live else None)(selected)
     downloads(selected)
 
 

@@ -16,10 +16,11 @@ from lstm_core.jobs import launch_resume, request_stop
 from lstm_core.plots import curves_figure, gradient_figure, running_loss_figure, step_gradient_figure
 from lstm_core.runs import LIVE_STATES, RunError, describe_model, list_runs, open_run
 from lstm_core.train import PROBE_SAMPLES
-from app.pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, rerun_when_ended, restore,
-                         saved)
+from app.pagekit import (ask, confusion, leave_legacy_navigation, metric_row, open_on_draw, open_on_runs,
+                         rerun_when_ended, restore, saved)
 from app.runview import batch_progress, default_run, ended_note, epoch_metrics, eval_metrics
-from app.trainform import ADVANCED, COMMON, field_input, form_config, parameter_count, start_training, train_command
+from app.trainform import (ADVANCED, COMMON, COMPARE_HELP, field_input, form_config, parameter_count, start_comparison,
+                           start_training, train_command)
 
 leave_legacy_navigation()     # a fresh server's first request named this page: see app/pagekit.py
 
@@ -52,6 +53,19 @@ def start(config: TrainConfig) -> None:
         st.error(str(exc))
         return
     st.session_state.update(train_run=run.id, train_follow=True, train_notice=notice)
+
+
+def compare(config: TrainConfig) -> None:
+    """The comparison's click, as a callback: a click read from `if st.button(...)` is lost to a rerun that
+    comes before the button is drawn (leave_legacy_navigation's), a callback's is not. The script run that
+    follows opens the Runs page on the runs it leaves in Session State."""
+    try:
+        runs, notice = start_comparison(config)
+    except (ConfigError, RunError) as exc:      # a CNN, no device for them, or a saves folder that cannot take them
+        st.session_state["compare_error"] = str(exc)
+        return
+    st.session_state.update(train_run=runs[0].id, train_follow=True,
+                            train_compared=([run.id for run in runs], notice))
 
 
 STEPS_NOTE = (f"**The gradient reaching each time step**, measured on the same {PROBE_SAMPLES} validation images "
@@ -135,6 +149,9 @@ def show_results(run) -> None:
 def train_page() -> None:
     restore("train_values", preset("default").to_dict())     # the widgets' keys are the config's field names
     st.session_state.setdefault("preset", "default")
+    compared = st.session_state.pop("train_compared", None)
+    if compared:
+        open_on_runs(*compared)
     st.title("Train")
     devices = available_devices()
     left, right = st.columns([1, 2], gap="large")
@@ -148,6 +165,11 @@ def train_page() -> None:
                 st.code(train_command(config, st.session_state["preset"]), language="bash")
         if start_slot.button("Start training", type="primary", disabled=config is None, width="stretch"):
             start(config)
+        start_slot.button("Compare LSTM, GRU and RNN", disabled=config is None or config.arch != "lstm",
+                          width="stretch", icon=":material/compare_arrows:", help=COMPARE_HELP, on_click=compare,
+                          args=(config,))
+        if st.session_state.get("compare_error"):
+            start_slot.error(st.session_state.pop("compare_error"))
     with right:
         notice = st.session_state.pop("train_notice", None)
         if notice:

@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
+from conftest import REPO, tiny_config
 from lstm_core.jobs import request_stop
-from lstm_core.runs import LIVE_STATES, list_runs, open_run, process_start_time
+from lstm_core.recorder import RunRecorder
+from lstm_core.runs import LIVE_STATES, create_run, list_runs, open_run, process_start_time
+from lstm_core.train import fit
 
 PAGE = str(REPO / "pages" / "draw.py")
 
@@ -201,3 +203,71 @@ def test_a_blank_image_gets_a_prompt_not_a_prediction(trained):
     at = upload(page(), "blank.png", png(np.full((28, 28), 255, np.uint8)))
     assert any("No digit found in blank.png" in i.value for i in at.info)
     assert not charts(at, "upload_probs") and not at.metric and not at.error
+
+
+# -- the gates at work ---------------------------------------------------------------------------
+LSTM_FIGURES = ["forget_gate", "input_gate", "cell_state", "output_gate"]
+GRU_FIGURES = ["update_gate", "reset_gate"]
+
+
+@pytest.fixture(scope="module")
+def cell_saves(tmp_path_factory, mnist) -> tuple:
+    """A saves root with a tiny GRU run and a tiny plain RNN run: (root, {cell: run id})."""
+    root = tmp_path_factory.mktemp("cells") / "saves"
+    ids = {}
+    for cell in ("gru", "rnn"):
+        run = create_run(tiny_config(cell=cell, epochs=1), root)
+        fit(run.config(), [RunRecorder(run)], data=mnist)
+        ids[cell] = run.id
+    return root, ids
+
+
+def gate_figures(at: AppTest) -> dict[str, dict]:
+    """The gate heatmaps on the page after an upload, by the name in their key."""
+    return {name: figure for name in LSTM_FIGURES + GRU_FIGURES for figure in charts(at, f"upload_{name}")}
+
+
+def test_the_gates_wait_for_their_toggle(trained, mnist):
+    """Off by default (a stroke then costs no gate figures), with a line saying where they are."""
+    at = upload(page(), "seven.png", png(mnist.test_images[0]))
+    assert not gate_figures(at) and at.toggle(key="draw_gates").value is False
+    assert any("Turn on **Gates**" in c.value for c in at.caption)
+
+
+def test_the_lstms_gates_are_shown_under_its_reading(trained, mnist):
+    at = page()
+    at.toggle(key="draw_gates").set_value(True).run()
+    at = upload(at, "seven.png", png(mnist.test_images[0]))
+    assert "How the LSTM reads it" in [h.value for h in at.subheader]
+    figures = gate_figures(at)
+    assert list(figures) == LSTM_FIGURES
+    for name, figure in figures.items():
+        heatmap = figure["data"][0]
+        assert len(heatmap["z"]) == 28 and len(heatmap["z"][0]) == 48      # rows read, hidden units
+        if name != "cell_state":
+            assert (heatmap["zmin"], heatmap["zmax"]) == (0, 1)
+            assert all(0 <= v <= 1 for row in heatmap["z"] for v in row)
+    captions = [c.value for c in at.caption]
+    assert any(c.startswith("Forget gate: how much of its memory") for c in captions)
+    assert any(c.startswith("Line t is the gate at row t") for c in captions)
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_a_gru_shows_its_two_gates_and_a_plain_rnn_says_it_has_none(cell_saves, monkeypatch, mnist, cell):
+    root, ids = cell_saves
+    monkeypatch.setenv("LSTM_SAVES", str(root))
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["draw_run"] = ids[cell]
+    at.run()
+    assert not at.exception and at.selectbox[0].value == ids[cell]
+    at.toggle(key="draw_gates").set_value(True).run()
+    upload(at, "seven.png", png(mnist.test_images[0]))
+    assert f"How the {cell.upper()} reads it" in [h.value for h in at.subheader]
+    assert charts(at, "upload_steps") and charts(at, "upload_hidden")
+    captions = [c.value for c in at.caption]
+    if cell == "gru":
+        assert list(gate_figures(at)) == GRU_FIGURES
+        assert any(c.startswith("Update gate: near 1 the GRU keeps its previous state") for c in captions)
+    else:
+        assert not gate_figures(at)
+        assert any(c.startswith("The RNN has no gates") for c in captions)

@@ -1,5 +1,6 @@
-"""The Runs page under AppTest: the table, overlaid curves of selected rows, weight downloads, deletion
-with its confirmation, and the runs it must refuse to delete."""
+"""The Runs page under AppTest: the table, overlaid curves and gradients over time of selected rows (or of
+the runs another page opened it on), weight downloads, deletion with its confirmation, and the runs it must
+refuse to delete."""
 import json
 import os
 from pathlib import Path
@@ -8,8 +9,9 @@ import pytest
 from conftest import tiny_config
 from streamlit.testing.v1 import AppTest
 
+from lstm_core.config import TrainConfig
 from lstm_core.recorder import RunRecorder
-from lstm_core.runs import create_run, open_run
+from lstm_core.runs import append_jsonl, atomic_write_json, create_run, open_run
 from lstm_core.train import fit
 
 RUNS = str(Path(__file__).resolve().parent.parent / "pages" / "runs.py")
@@ -61,9 +63,12 @@ def listed(at: AppTest) -> list[str]:
     return list(at.dataframe[0].value["id"]) if at.dataframe else []
 
 
-def traces(at: AppTest) -> list[dict]:
-    (chart,) = at.get("plotly_chart")
-    return json.loads(chart.proto.spec)["data"]
+def traces(at: AppTest, axis: str = "epoch") -> list[dict]:
+    """The traces of the chart whose x axis title starts with `axis`: the curves ("epoch") or the gradient
+    over time ("time step")."""
+    charts = [json.loads(chart.proto.spec) for chart in at.get("plotly_chart")]
+    (chart,) = [c for c in charts if c["layout"]["xaxis"]["title"]["text"].startswith(axis)]
+    return chart["data"]
 
 
 def downloads(at: AppTest) -> list[str]:
@@ -182,3 +187,53 @@ def test_an_unreadable_run_folder_is_listed_not_a_traceback(saves):
     assert not at.error and not at.exception
     table = at.dataframe[0].value
     assert list(table["id"]) == [run.name] and list(table["epochs_done"]) == [0]
+
+
+def test_selected_runs_overlay_their_gradient_over_time_named_by_cell_and_accuracy(read_only):
+    at = select(open_page(), read_only)
+    data = traces(at, "time step")
+    for trace, run_id in zip(data, read_only, strict=True):
+        run = open_run(run_id)
+        latest = [r for r in run.metrics() if r.get("step_grad_norms")][-1]
+        assert trace["name"] == f"{run_id} · LSTM · {run.eval()['test_accuracy']:.1%}"
+        assert trace["y"] == [v or None for v in latest["step_grad_norms"]]
+    assert any("towards step 1" in c.value for c in at.caption)
+
+
+def recorded_run(root: Path, config: TrainConfig, test_accuracy: float, state: str = "completed") -> str:
+    """A run folder made by hand: one epoch, one record of the gradient over time, its test accuracy."""
+    run = create_run(config, root)
+    run.write_status(state=state, pid=None)
+    append_jsonl(run.metrics_path,
+                 {"event": "batch", "epoch": 1, "batch": 10, "batches": 10, "loss": 0.5, "accuracy": 0.8,
+                  "grad_norm": 1.0, "grad_norm_max": 2.0, "step_grad_norms": [10.0 ** (k - 27) for k in range(28)]},
+                 {"event": "epoch", "epoch": 1, "train_loss": 0.5, "val_loss": 0.4, "train_accuracy": 0.8,
+                  "val_accuracy": 0.85})
+    atomic_write_json(run.eval_path, {"test_accuracy": test_accuracy})
+    return run.id
+
+
+def test_the_runs_the_train_page_opened_stand_as_the_selection_until_rows_are_picked(saves):
+    cells = {"lstm": 0.981, "gru": 0.979, "rnn": 0.114}
+    opened = [recorded_run(saves, TrainConfig(cell=cell, seq_mode="pixels"), acc) for cell, acc in cells.items()]
+    cnn = recorded_run(saves, TrainConfig(arch="cnn"), 0.99)
+    at = AppTest.from_file(RUNS, default_timeout=60)
+    at.session_state["runs_opened"] = [*opened, cnn, "deleted-since"]
+    at.session_state["runs_notice"] = "Comparing LSTM, GRU, RNN: ..."
+    check(at.run())
+    assert [i.value for i in at.info] == ["Comparing LSTM, GRU, RNN: ..."]
+    assert any(c.value.startswith(f"Showing `{opened[0]}`") for c in at.caption)
+    models = dict(zip(at.dataframe[0].value["id"], at.dataframe[0].value["model"]))
+    assert [models[run_id] for run_id in opened] == ["LSTM 1x128, pixels", "GRU 1x128, pixels", "RNN 1x128, pixels"]
+    assert [t["name"] for t in traces(at)] == [*opened, cnn]
+    assert [t["name"] for t in traces(at, "time step")] == [f"{opened[0]} · LSTM · 98.1%",
+                                                           f"{opened[1]} · GRU · 97.9%",
+                                                           f"{opened[2]} · RNN · 11.4%"]
+    assert any(c.value.startswith(f"No gradient over time for `{cnn}`") for c in at.caption)
+    assert not at.error
+
+    at = select(at, [opened[1]])
+    assert [t["name"] for t in traces(at)] == [opened[1]] and "runs_opened" not in at.session_state
+    assert not at.info                                  # the notice is shown once
+    at = select(at, [])
+    assert not at.get("plotly_chart") and any("Select rows" in c.value for c in at.caption)

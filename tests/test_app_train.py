@@ -11,11 +11,13 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import REPO, tiny_config, wait_until
 from lstm_core.__main__ import build_parser, config_from_args
-from lstm_core.config import TrainConfig, preset
+from lstm_core.config import CELLS, TrainConfig, preset
 from lstm_core.jobs import request_stop
 from lstm_core.runs import create_run, open_run
 
 PAGE = str(REPO / "pages" / "train.py")
+ENTRY = str(REPO / "streamlit_app.py")
+COMPARE = "Compare LSTM, GRU and RNN"
 TINY = {"hidden_size": 48, "epochs": 1, "batch_size": 50, "limit_train": 2000, "val_size": 1000, "lr": 0.01,
         "optimizer": "adam", "scheduler": "none", "aug_rotate": 0.0, "aug_translate": 0.0, "aug_scale": 0.0,
         "log_every": 5}
@@ -226,3 +228,68 @@ def test_start_comes_first_in_the_form_and_the_picker_names_no_state(saves, mnis
     at.run()
     assert any("state **running**" in m.value for m in at.markdown)
     assert at.selectbox(key="train_pick").options == [f"{run.id} · LSTM 1x48, rows"]
+
+
+def test_the_cell_is_asked_after_the_arch_and_sizes_the_model(saves):
+    at = page()
+    (left, _) = at.columns[:2]
+    labels = [w.label for w in widgets_in_order(left)]
+    assert labels[labels.index("arch") + 1] == "recurrent cell"
+    cell = at.selectbox(key="cell")
+    assert (cell.value, cell.options) == ("lstm", list(CELLS))
+    cell.set_value("gru").run()
+    # three gates where the LSTM has four, each with its input, recurrent and two bias weights
+    assert f"{3 * 128 * (28 + 128 + 2) + 128 * 10 + 10:,} trainable parameters" in [c.value for c in at.caption]
+
+
+def compare(at: AppTest) -> AppTest:
+    (button,) = [b for b in at.button if b.label == COMPARE]
+    button.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_compare_launches_the_three_cells_alike_and_opens_the_runs_page_on_them(saves):
+    at = AppTest.from_file(ENTRY, default_timeout=60).run()
+    at.switch_page("pages/train.py").run()
+    at = compare(set_widgets(at, {**TINY, "seed": 3, "cell": "irnn"}))
+    assert [t.value for t in at.title] == ["Runs"]
+    ids = at.session_state["runs_opened"]
+    configs = [open_run(run_id).config() for run_id in ids]
+    assert [c.cell for c in configs] == ["lstm", "gru", "rnn"]
+    assert all({**c.to_dict(), "cell": "lstm"} == configs[0].to_dict() for c in configs)
+    assert configs[0].seed == 3 and configs[0].hidden_size == TINY["hidden_size"]
+    # one device here: the first takes it, the other two queue behind it
+    (notice,) = [i.value for i in at.info]
+    assert notice.startswith(f"Comparing LSTM, GRU, RNN: {ids[0]} (LSTM) on cpu; {ids[1]} (GRU) queued; ")
+    assert any(c.value.startswith(f"Showing `{ids[0]}`") for c in at.caption)
+
+
+@pytest.mark.slow
+def test_the_compared_runs_end_side_by_side_with_their_gradients_over_time(saves):
+    at = AppTest.from_file(ENTRY, default_timeout=60).run()
+    at.switch_page("pages/train.py").run()
+    at = compare(set_widgets(at, TINY))
+    ids = at.session_state["runs_opened"]
+    for run_id in ids:
+        status = wait_for(run_id, {"completed", "failed", "interrupted"}, timeout=240)
+        assert status["state"] == "completed", (open_run(run_id).path / "train.log").read_text()
+    at.switch_page("pages/runs.py").run()        # AppTest's next run is of its own page, not the one switched to
+    assert not at.exception
+    (gradients,) = [c for c in charts(at) if "time step" in json.dumps(c["layout"]["xaxis"])]
+    accuracies = [open_run(run_id).eval()["test_accuracy"] for run_id in ids]
+    assert [t["name"] for t in gradients["data"]] == [f"{run_id} · {cell} · {accuracy:.1%}" for run_id, cell, accuracy
+                                                      in zip(ids, ("LSTM", "GRU", "RNN"), accuracies)]
+
+
+def test_compare_is_for_recurrent_cells_and_a_refused_launch_says_why(saves):
+    at = page()
+    at.selectbox(key="preset").set_value("cnn").run()
+    (button,) = [b for b in at.button if b.label == COMPARE]
+    assert button.disabled and "a CNN has no cell" in button.help
+    at.selectbox(key="preset").set_value("default").run()
+    (saves / "runs").write_text("")                   # a saves folder that cannot take a run
+    at = compare(at)
+    assert [t.value for t in at.title] == ["Train"]
+    (error,) = at.error
+    assert "is a file, not a folder" in error.value and "runs_opened" not in at.session_state

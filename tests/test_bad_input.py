@@ -82,8 +82,8 @@ BAD_FLAGS = [
     (["tune", "--study", "x", "--device", "cuda:7"], "device 'cuda:7' was asked for"),
     (["tune", "--study", "x", "--workers", "100000"], "--workers 100000 is more than this machine runs at once"),
     (["train", "--preset", "cnn", "--seq-mode", "pixels", "--bidirectional", "--hidden-size", "7"],
-     "--seq-mode, --hidden-size, --bidirectional only apply to LSTMs, and this config trains a CNN"),
-    (["tune", "--study", "x", "--arch", "cnn", "--num-layers", "2"], "--num-layers only apply to LSTMs"),
+     "--seq-mode, --hidden-size, --bidirectional only apply to recurrent models (LSTM, GRU, RNN), and this config trains a CNN"),
+    (["tune", "--study", "x", "--arch", "cnn", "--num-layers", "2"], "--num-layers only apply to recurrent models"),
     (["evaluate", "/some/missing/best.pt"], "no such file or run directory: /some/missing/best.pt"),
 ]
 

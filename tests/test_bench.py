@@ -146,3 +146,38 @@ def test_a_seed_summary_is_the_median_and_range_over_the_seeds():
     assert summary["final_test_accuracy"] == {"median": 0.990, "min": 0.985, "max": 0.992, "missing": 0}
     assert summary["wall_seconds"]["median"] == 11.0
     assert summary["seconds_to_target"] == {"median": 5.5, "min": 5.0, "max": 6.0, "missing": 1}   # one never did
+
+
+def test_the_cells_flops_follow_their_gate_counts():
+    """At equal width a GRU does 3/4 of an LSTM's GEMM work and an RNN 1/4: the rooflines compare them."""
+    lstm = preset("default")
+    recurrent = lambda config: flops_per_sample(config) - 3 * 2 * 128 * 10     # noqa: E731 - less the head
+    assert recurrent(lstm.replace(cell="gru")) == pytest.approx(recurrent(lstm) * 3 / 4)
+    assert recurrent(lstm.replace(cell="rnn")) == pytest.approx(recurrent(lstm) / 4)
+    assert bench.bench_config("pixel/gru") == preset("pixel").replace(cell="gru")
+    assert bench.bench_config("gru") == preset("gru")
+
+
+def test_only_the_lstm_has_a_kernel_row_and_a_gemm_ceiling():
+    for name in ("gru", "rnn", "pixel/irnn"):
+        config = bench.bench_config(name)
+        assert [variant for variant, _ in bench.variants(config, torch.device("cpu"))][:2] != ["fp32", "fp32-torch"]
+        assert gemm_bound(config) is None
+
+
+def test_full_runs_over_seeds_give_the_median_and_range(tmp_path, monkeypatch, capsys, mnist):
+    """--full PRESET/CELL --full-seeds: one run per seed of the preset with that cell, then their spread."""
+    monkeypatch.setenv("LSTM_SAVES", str(tmp_path))
+    trained = []
+
+    def fake_fit(config, callbacks=(), data=None):
+        trained.append(config)
+        return train.History(config, "cpu", epochs=[{}], test={"accuracy": 0.9 + config.seed / 100})
+
+    monkeypatch.setattr(bench, "fit", fake_fit)
+    monkeypatch.setattr(bench, "load_mnist", lambda: mnist)
+    assert bench.main(["--quick", "--presets", "--full", "pixel/gru", "--full-seeds", "0", "1", "2",
+                       "--full-epochs", "1", "--device", "cpu"]) == 0
+    assert [(c.cell, c.seq_mode, c.seed, c.epochs) for c in trained] == [("gru", "pixels", s, 1) for s in (0, 1, 2)]
+    out = capsys.readouterr().out
+    assert "full pixel/gru over seeds 0, 1, 2: test accuracy median 91.00% (90.00% to 92.00%)" in out

@@ -27,7 +27,7 @@ def test_invalid_values_name_the_field_range_and_value(changes, message):
 
 
 def test_every_preset_is_valid_and_round_trips_through_json():
-    assert set(PRESETS) == {"default", "tutorial", "bilstm", "pixel", "cnn", "best"}
+    assert set(PRESETS) == {"default", "tutorial", "bilstm", "pixel", "gru", "rnn", "cnn", "best"}
     for cfg in PRESETS.values():
         assert TrainConfig.from_json(cfg.to_json()) == cfg
         assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

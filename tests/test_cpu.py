@@ -207,7 +207,7 @@ def test_an_accelerated_model_under_cpu_autocast(monkeypatch, bf16):
     model = cpu.accelerate(build_model(TrainConfig(hidden_size=16)))
     x = torch.randn(2, 28, 28, requires_grad=True)
     with torch.autocast("cpu", torch.bfloat16):
-        out, (h_n, _) = model.run_lstm(x)
+        out, h_n = model.run_recurrent(x)
     assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
     if not bf16:
         torch.testing.assert_close(out, nn.LSTM.forward(model.lstm, x)[0], rtol=1e-4, atol=2e-5)

@@ -65,13 +65,15 @@ def test_cudnn_lstm_under_autocast_computes_in_the_dtype_the_policy_assumes():
         assert lstm(x)[0].dtype == torch.float16
 
 
+@pytest.mark.parametrize("cell", ("lstm", "gru", "rnn"))
 @pytest.mark.parametrize("amp", AMP_MODES)
-def test_the_lstm_computes_in_the_policys_dtype_and_fp16_always_has_loss_scaling(amp, mnist):
+def test_the_lstm_computes_in_the_policys_dtype_and_fp16_always_has_loss_scaling(amp, mnist, cell):
+    """The GRU and the RNN are cuDNN RNNs too: the same autocast rule holds them (models.run_recurrent)."""
     device = torch.device("cuda")
     if not gpu_allows(amp):
         pytest.skip("no native bf16 on this GPU (refused: see the test above)")
     policy = policy_for(amp, device, "lstm")
-    state, splits = prepare(few_batches("default", amp), mnist)
+    state, splits = prepare(few_batches("default", amp).replace(cell=cell), mnist)
     assert state.scaler.is_enabled() == policy.grad_scaler
     model = state.model
     x = torch.randn(16, 28, 28, device=device)

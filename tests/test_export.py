@@ -26,6 +26,11 @@ MODELS = {
     "permuted": dict(seq_mode="permuted", hidden_size=16),
     "pixels": dict(seq_mode="pixels", hidden_size=8),
     "cnn": dict(arch="cnn"),
+    "gru": dict(cell="gru", num_layers=2, hidden_size=16, dropout=0.1),
+    "bigru": dict(cell="gru", bidirectional=True, hidden_size=16),
+    "rnn": dict(cell="rnn", hidden_size=16),
+    "irnn-pixels": dict(cell="irnn", seq_mode="pixels", hidden_size=8),
+    "gru-permuted": dict(cell="gru", seq_mode="permuted", hidden_size=8),
 }
 
 
@@ -145,13 +150,14 @@ def test_files_load_without_lstm_core(runs, tmp_path):
 
 # -- the whole test set ------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_exported_files_agree_with_pytorch_on_the_whole_test_set(runs, mnist, tmp_path):
-    model, config = load_model(runs["rows"])
+@pytest.mark.parametrize("name", ["rows", "gru", "rnn", "irnn-pixels"])
+def test_exported_files_agree_with_pytorch_on_the_whole_test_set(runs, mnist, tmp_path, name):
+    model, config = load_model(runs[name])
     expected = predict_logits(model, mnist.test_images, config).argmax(1)
     images = images01(mnist.test_images)
     with_onnx = all(importlib.util.find_spec(p) for p in ("onnx", "onnxruntime"))
     for fmt in ("torchscript", "onnx") if with_onnx else ("torchscript",):
-        predicted = run_file(export_run(runs["rows"], fmt, tmp_path), fmt, images).argmax(1)
+        predicted = run_file(export_run(runs[name], fmt, tmp_path), fmt, images).argmax(1)
         agreement = (predicted == expected).float().mean().item()
         print(f"{fmt}: {agreement:.4%} of {len(expected):,} test images get PyTorch's digit")
         assert agreement >= 0.999

@@ -286,13 +286,13 @@ def test_a_key_written_twice_is_refused_naming_it_in_json_as_in_toml(cli, saves,
 def test_lstm_only_fields_searched_for_cnn_trials_are_refused_by_the_cli_and_the_tuning_page(cli, saves, tmp_path):
     for args in (["--arch", "cnn"], ["--preset", "cnn"]):
         line = one_line(*cli("tune", "--study", "s", *args)[:2])
-        assert "search space: hidden_size, num_layers, bidirectional only apply to LSTMs" in line
+        assert "search space: hidden_size, num_layers, bidirectional only apply to recurrent models" in line
         assert "(arch cnn)" in line
     cnn_trials = {**SPACE, "arch": {"type": "categorical", "choices": ["lstm", "cnn"]}, "seq_mode": {
         "type": "categorical", "choices": ["rows", "pixels"]}}
-    with pytest.raises(SpaceError, match="seq_mode only apply to LSTMs"):
+    with pytest.raises(SpaceError, match="seq_mode only apply to recurrent models"):
         check_space(cnn_trials, preset("default"))
-    with pytest.raises(SpaceError, match="hidden_size, num_layers, bidirectional only apply to LSTMs"):
+    with pytest.raises(SpaceError, match="hidden_size, num_layers, bidirectional only apply to recurrent models"):
         plan_study("s", {**LAUNCH, "preset": "cnn"}, DEFAULT_SPACE, f"sqlite:///{saves / 'optuna.db'}")
     # what a CNN does read can be searched
     assert plan_study("s", {**LAUNCH, "preset": "cnn"}, SPACE, f"sqlite:///{saves / 'optuna.db'}").space == SPACE

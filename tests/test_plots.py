@@ -291,3 +291,51 @@ def test_pruned_trials_are_dotted_and_crossed_where_they_stopped(study):
     assert curves["Trial3"].line.dash == "dot" and curves["Trial0"].line.dash is None
     assert (list(curves["pruned"].x), list(curves["pruned"].y)) == ([1], [0.2])
     assert fig.layout.yaxis.title.text == "val accuracy"
+
+
+def test_the_gradient_over_time_of_several_runs_shares_one_axis_of_the_sequence_read():
+    """An RNN on pixels (784 steps) beside an LSTM on rows (28): each line spans the whole axis, its points
+    in the middle of their spans, the hover naming the steps each one stands for."""
+    runs = {"r1 · LSTM · 98.9%": {"norms": [1.0] * 28, "steps": 28, "epoch": 2.0},
+            "r2 · RNN · 11.4%": {"norms": [0.0] * 4 + [10.0 ** (k - 23) for k in range(24)], "steps": 784,
+                                 "epoch": 1.5}}
+    fig = plots.step_gradient_overlay_figure(runs)
+    assert [t.name for t in fig.data] == list(runs)
+    lstm, rnn = fig.data
+    assert list(lstm.x) == list(rnn.x)
+    assert lstm.x[0] == pytest.approx(0.5 / 28) and lstm.x[-1] == pytest.approx(27.5 / 28)
+    assert (lstm.customdata[0], lstm.customdata[-1]) == ("step 1", "step 28")
+    assert (rnn.customdata[0], rnn.customdata[-1]) == ("steps 1–28", "steps 757–784")
+    assert "of 784" in rnn.hovertemplate and "epoch 1.50" in rnn.hovertemplate
+    assert rnn.y[:4] == (None,) * 4 and rnn.y[-1] == 1.0 and "underflow" in fig.layout.annotations[0].text
+    assert fig.layout.yaxis.type == "log" and tuple(fig.layout.xaxis.range) == (0, 1)
+    assert "share of each run's sequence" in fig.layout.xaxis.title.text
+    assert not plots.step_gradient_overlay_figure({}).data
+
+
+# -- the Draw page's gates -------------------------------------------------------------------------------
+GATES = torch.sigmoid(3 * HIDDEN)          # (28, 100) in (0, 1); unit 7 sits at 0.5 throughout
+
+
+@pytest.mark.parametrize("name", ["forget gate", "cell state"])
+def test_a_gate_figure_is_what_plotly_validation_would_make_of_it(name):
+    fig = plots.gates_figure(GATES.tolist(), name, "row")
+    assert go.Figure(fig.to_dict()).to_dict() == fig.to_dict()
+
+
+def test_a_gate_runs_from_shut_to_open_and_the_cell_state_around_zero():
+    gate = plots.gates_figure(GATES.tolist(), "forget gate", "row").data[0]
+    assert (gate.zmin, gate.zmax, gate.zmid) == (0, 1, None) and gate.colorbar.title.text == "f"
+    cell = plots.gates_figure((3 * HIDDEN).tolist(), "cell state", "row").data[0]
+    assert (cell.zmin, cell.zmax, cell.zmid) == (None, None, 0) and cell.colorbar.title.text == "c"
+
+
+def test_a_gate_figure_shows_the_units_it_is_given_else_the_most_varying():
+    fig = plots.gates_figure(GATES.tolist(), "input gate", "pixel")
+    heatmap = fig.data[0]
+    assert len(heatmap.x) == 64 and "7" not in heatmap.x and len(heatmap.z) == 28
+    assert fig.layout.title.text == "Input gate (64 of 100 units)" and fig.layout.yaxis.title.text == "pixel read"
+    units = [7, 50, 99]                       # the hidden state figure's, so that the columns line up
+    heatmap = plots.gates_figure(GATES.tolist(), "input gate", "row", units).data[0]
+    assert list(heatmap.x) == ["7", "50", "99"] and list(heatmap.z[5]) == GATES[5, units].tolist()
+    assert plots.gates_figure(GATES[:, :10].tolist(), "reset gate", "row").layout.title.text == "Reset gate"

@@ -134,3 +134,34 @@ def test_prediction_details_for_unidirectional_and_bidirectional_models(mnist, t
     assert bi_result.steps is None and len(bi_result.hidden[0]) == 2 * bi.hidden_size
     cnn = tiny_config(arch="cnn")
     assert predict(build_model(cnn).eval(), cnn, digit).hidden is None
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "irnn"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_prediction_details_hold_the_last_layers_gates(cell, bidirectional):
+    torch.manual_seed(0)
+    config = tiny_config(cell=cell, bidirectional=bidirectional, num_layers=2)
+    model = build_model(config).eval()
+    digit = from_canvas(canvas_with((50, 120, 180, 30)))
+    result = predict(model, config, digit, gates=True)
+    assert predict(model, config, digit, details=False, gates=True).gates is None
+    assert predict(model, config, digit).gates is None                   # only when asked: they cost a stroke time
+    if cell in ("rnn", "irnn"):
+        assert result.gates is None and len(result.hidden) == 28     # no gates, the rest of the details
+        return
+    lstm_names, gru_names = ["input gate", "forget gate", "output gate", "cell state"], ["reset gate", "update gate"]
+    assert list(result.gates) == (lstm_names if cell == "lstm" else gru_names)
+    width = config.hidden_size * (2 if bidirectional else 1)
+    for name, values in result.gates.items():
+        array = np.asarray(values)
+        assert array.shape == (28, width)
+        if name != "cell state":
+            assert ((0 < array) & (array < 1)).all()
+    if cell == "lstm":         # the hidden state shown beside them is what they make: h_t = o_t * tanh(c_t)
+        gates = {name: np.asarray(values) for name, values in result.gates.items()}
+        assert np.allclose(gates["output gate"] * np.tanh(gates["cell state"]), result.hidden, atol=1e-5)
+
+
+def test_a_cnn_has_no_gates():
+    cnn = tiny_config(arch="cnn")
+    assert predict(build_model(cnn).eval(), cnn, from_canvas(canvas_with((50, 120, 180, 30))), gates=True).gates is None

@@ -121,9 +121,11 @@ def test_a_stop_in_the_first_epoch_still_saves_its_weights(tmp_path, mnist):
         resume_checkpoint(run)
 
 
-def test_resuming_after_a_stop_gives_the_same_run_as_never_stopping(tmp_path, mnist):
+@pytest.mark.parametrize("cell", ["lstm", "gru", "irnn"])
+def test_resuming_after_a_stop_gives_the_same_run_as_never_stopping(tmp_path, mnist, cell):
     config = tiny_config(epochs=4, log_every=1, dropout=0.2, scheduler="onecycle", patience=0,
-                         aug_rotate=5.0, aug_translate=0.05)
+                         aug_rotate=5.0, aug_translate=0.05, cell=cell,
+                         **({"num_layers": 2} if cell == "gru" else {}))
     straight = create_run(config, tmp_path)
     fit(config, [RunRecorder(straight)], data=mnist)
 

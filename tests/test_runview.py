@@ -5,10 +5,10 @@ import os
 import pytest
 
 from lstm_core.config import TrainConfig
-from lstm_core.runs import append_jsonl, create_run, list_runs, open_run, process_start_time
+from lstm_core.runs import append_jsonl, atomic_write_json, create_run, list_runs, open_run, process_start_time
 from app.runview import (batch_progress, default_run, delete_runs, ended_note, epoch_metrics, eval_metrics,
-                         evaluated_label, model_label, run_curves, run_progress, runs_table, selection_key,
-                         weight_files)
+                         evaluated_label, live_runs, model_label, run_curves, run_progress, run_step_gradients,
+                         runs_table, selection_key, weight_files)
 
 ROW = {"id": "r1", "arch": "lstm", "bidirectional": False, "num_layers": 1, "hidden_size": 128, "seq_mode": "rows",
        "test_accuracy": 0.9876, "best_val_accuracy": 0.99}
@@ -142,3 +142,40 @@ def test_the_environment_in_one_line():
 def test_a_folder_that_cannot_be_read_has_no_gradients_and_no_environment(tmp_path):
     from app.runview import gradient_records, run_environment
     assert gradient_records(tmp_path / "gone") == [] and run_environment(tmp_path / "gone") == {}
+
+
+def gradient_run(saves, config: TrainConfig, norms: list[list[float]], test_accuracy: float | None = None):
+    """A run that recorded the gradient over time once per list of `norms`, in that order."""
+    run = create_run(config, saves)
+    run.write_status(state="completed", pid=None)
+    append_jsonl(run.metrics_path, *({**BATCH, "epoch": 1, "batch": b + 1, "batches": 4, "step_grad_norms": n}
+                                     for b, n in enumerate(norms)), *EPOCHS)
+    if test_accuracy is not None:
+        atomic_write_json(run.eval_path, {"test_accuracy": test_accuracy})
+    return run
+
+
+def test_the_gradient_over_time_of_each_run_named_by_its_cell_and_accuracy(saves):
+    lstm = gradient_run(saves, TrainConfig(), [[1.0] * 28, [0.5] * 28], test_accuracy=0.9876)
+    rnn = gradient_run(saves, TrainConfig(cell="rnn", seq_mode="pixels", bidirectional=True),
+                       [[10.0 ** (k - 27) for k in range(28)]])        # vanishing; no test evaluation yet
+    series, notes = run_step_gradients([lstm.id, rnn.id])
+    assert series == {f"{lstm.id} · LSTM · 98.8%": {"norms": [0.5] * 28, "steps": 28, "epoch": 0.5},   # the latest
+                      f"{rnn.id} · BiRNN · val 95.0%": {"norms": [10.0 ** (k - 27) for k in range(28)], "steps": 784,
+                                                        "epoch": 0.25}}
+    assert notes == []
+
+
+def test_runs_without_a_gradient_over_time_are_named_in_one_note(saves):
+    cnn = made_run(saves)
+    cnn.config_path.write_text(TrainConfig(arch="cnn").to_json())
+    old = made_run(saves, epochs=EPOCHS + [BATCH])                     # progress records from before it was recorded
+    series, notes = run_step_gradients([cnn.id, old.id, "no-such-run"])
+    assert series == {}
+    assert notes[0][0] == "error" and notes[0][1].startswith("Could not read the gradients of `no-such-run`: ")
+    assert notes[1][0] == "caption" and notes[1][1].startswith(f"No gradient over time for `{cnn.id}`, `{old.id}`: ")
+
+
+def test_the_live_runs_of_a_selection(saves):
+    done, live = made_run(saves), made_run(saves, "running", live=True)
+    assert live_runs([done.id, live.id, "no-such-run"]) == [live.id]

@@ -1,5 +1,5 @@
 """The Train page's form without Streamlit: a widget for every config field, the config the widgets make,
-the command line that trains the same config, and Start."""
+the command line that trains the same config, Start, and the comparison of the recurrent cells."""
 import shlex
 from dataclasses import fields
 from types import SimpleNamespace
@@ -7,8 +7,11 @@ from types import SimpleNamespace
 import pytest
 
 from lstm_core.__main__ import build_parser, config_from_args
-from lstm_core.config import BOUNDS, CHOICES, PRESETS, TrainConfig, preset
-from app.trainform import ADVANCED, COMMON, field_input, form_config, parameter_count, train_command
+from lstm_core.config import BOUNDS, CELLS, CHOICES, PRESETS, ConfigError, TrainConfig, preset
+from lstm_core.runs import RunError, create_run, list_runs
+from app import trainform
+from app.trainform import (ADVANCED, COMMON, cell_configs, field_input, form_config, parameter_count,
+                           start_comparison, train_command)
 
 DEVICES = [SimpleNamespace(name="cpu", label="2 cores")]      # what field_input reads of available_devices()
 
@@ -90,3 +93,61 @@ def test_the_parameter_count_is_the_models():
     assert parameter_count(preset("default")) == 4 * 128 * (28 + 128 + 2) + 128 * 10 + 10
     bigger = preset("default").replace(num_layers=2)
     assert parameter_count(bigger) - parameter_count(preset("default")) == 4 * 128 * (128 + 128 + 2)
+
+
+def test_the_cell_is_asked_beside_the_arch_with_what_each_one_does():
+    assert COMMON.index("cell") == COMMON.index("arch") + 1
+    ask = field_input("cell", "lstm", DEVICES)
+    assert (ask.kind, ask.label, ask.args["options"]) == ("selectbox", "recurrent cell", CELLS)
+    assert all(f"{cell}: " in ask.args["help"] for cell in CELLS) and "Le et al. 2015" in ask.args["help"]
+    forget = field_input("forget_init", "auto", DEVICES).args["help"]
+    assert "LSTM's forget gate" in forget and "GRU's update gate" in forget and "plain RNN has none" in forget
+
+
+def test_the_comparison_changes_the_cell_alone():
+    config = preset("pixel").replace(seed=7, hidden_size=64)
+    configs = cell_configs(config)
+    assert [c.cell for c in configs] == ["lstm", "gru", "rnn"]
+    for each in configs:
+        assert {**each.to_dict(), "cell": config.cell} == config.to_dict()
+    with pytest.raises(ConfigError, match="recurrent cells"):
+        cell_configs(preset("cnn"))
+
+
+def fake_launch(saves, refuse_from: int = 99):
+    """launch_training without a process: a queued run, the first on the CPU, the next ones waiting;
+    from the `refuse_from`-th on, the saves folder refuses the run."""
+    launched = []
+
+    def launch(config):
+        if len(launched) >= refuse_from:
+            raise RunError("the saves folder is full")
+        run = create_run(config, saves)
+        run.write_status(device=None if launched else "cpu")
+        launched.append(run)
+        return run
+    return launch
+
+
+def test_start_comparison_launches_one_run_per_cell_and_says_where_each_is(saves, monkeypatch):
+    monkeypatch.setattr(trainform, "launch_training", fake_launch(saves))
+    runs, notice = start_comparison(preset("default").replace(bidirectional=True))
+    assert [run.config().cell for run in runs] == ["lstm", "gru", "rnn"]
+    first, second, third = (run.id for run in runs)
+    assert notice == (f"Comparing BiLSTM, BiGRU, BiRNN: {first} (BiLSTM) on cpu; {second} (BiGRU) queued; "
+                      f"{third} (BiRNN) queued. A queued run starts when its device is free.")
+
+
+def test_a_comparison_refused_at_its_first_run_leaves_none_and_a_later_refusal_names_those_started(saves,
+                                                                                                  monkeypatch):
+    monkeypatch.setattr(trainform, "launch_training", fake_launch(saves, refuse_from=0))
+    with pytest.raises(RunError, match="^the saves folder is full$"):
+        start_comparison(preset("default"))
+    assert list_runs() == []
+    monkeypatch.setattr(trainform, "launch_training", fake_launch(saves, refuse_from=2))
+    with pytest.raises(RunError) as refused:
+        start_comparison(preset("default"))
+    started = [row["id"] for row in reversed(list_runs())]
+    assert len(started) == 2
+    assert str(refused.value) == (f"only part of the comparison started: {started[0]} (LSTM), {started[1]} (GRU) "
+                                  "train on, but the RNN run could not start: the saves folder is full")

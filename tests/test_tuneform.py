@@ -6,7 +6,7 @@ from dataclasses import fields
 import pytest
 
 from lstm_core.__main__ import build_parser
-from lstm_core.config import LSTM_ONLY, PRESETS, ConfigError, TrainConfig, preset
+from lstm_core.config import RECURRENT_ONLY, PRESETS, ConfigError, TrainConfig, preset
 from lstm_core.runs import RunError
 from lstm_core.storage import make_storage
 from lstm_core.tune import DEFAULT_SPACE, SEARCH_RANGES, check_space
@@ -58,7 +58,7 @@ def test_every_config_field_that_has_a_range_can_be_searched_from_every_preset()
     everything = {name: picked_range(name, first_pick(name)) for name in SEARCH_RANGES}
     for name in PRESETS:      # a CNN's trials search all but what only an LSTM reads (check_space refuses those)
         space = everything if preset(name).arch == "lstm" else {
-            k: v for k, v in everything.items() if k not in LSTM_ONLY}
+            k: v for k, v in everything.items() if k not in RECURRENT_ONLY}
         assert check_space(space, preset(name)) == space
 
 
