@@ -31,12 +31,12 @@ WIDTH, HEIGHT = 1400, 900     # a laptop-sized window: the README shows the layo
 TIMEOUT = 120_000             # ms; two shared cores draw a page of plotly charts slowly
 STUDY = "lstm-search"
 
-# (the name the pages below pick a run by, its preset and changes): Runs compares all three, Train,
-# Evaluate and Draw show the first
+# (the name the pages below pick a run by, its preset and changes): Runs compares all three, the three
+# cells, curves and gradients over time side by side; Train, Evaluate and Draw show the first
 RUNS = (
     ("lstm", dict(preset="default")),
-    ("bilstm", dict(preset="bilstm", num_layers=1, hidden_size=64)),
-    ("lstm2", dict(preset="tutorial", num_layers=2, hidden_size=64)),
+    ("gru", dict(preset="gru")),
+    ("rnn", dict(preset="rnn")),
 )
 # a few thousand samples, a few epochs: seconds per run on a CPU, yet curves with a shape and a
 # confusion matrix with a diagonal

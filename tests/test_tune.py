@@ -276,3 +276,18 @@ def test_a_study_can_search_every_field_the_tuning_page_offers(saves):
     for trial in trials:
         config = json.loads((saves / "studies" / "everything" / f"trial_{trial.number}" / "config.json").read_text())
         assert {k: config[k] for k in trial.params} == trial.params
+
+
+def test_a_study_searches_the_cell_and_each_trial_trains_the_one_it_drew(saves):
+    """The cell is a parameter like any other: each trial's folder holds the config and the weights of the
+    cell Optuna suggested (a GRU's weights under gru.*, an RNN's under rnn.*)."""
+    space = {"cell": {"type": "categorical", "choices": ["gru", "rnn"]}}
+    base = tiny_config(epochs=1, limit_train=300, val_size=200, batch_size=50, hidden_size=16)
+    study = run_worker("cells", 4, base, space=space, sampler="random", pruner="none", seed=0, root=saves)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(trials) == 4 and {t.params["cell"] for t in trials} == {"gru", "rnn"}
+    for trial in trials:
+        folder = saves / "studies" / "cells" / f"trial_{trial.number}"
+        assert json.loads((folder / "config.json").read_text())["cell"] == trial.params["cell"]
+        weights = torch.load(folder / "best.pt", weights_only=True)["model"]
+        assert f"{trial.params['cell']}.weight_hh_l0" in weights

@@ -24,7 +24,7 @@ def test_log_grid_steps_1_2_5_per_decade():
 
 def test_each_searched_parameter_gets_the_widget_of_its_kind():
     kinds = {name: range_input(name, first_pick(name)).kind for name in SEARCH_RANGES}
-    choices = {"seq_mode", "bidirectional", "forget_init", "optimizer", "scheduler", "amp"}
+    choices = {"cell", "seq_mode", "bidirectional", "forget_init", "optimizer", "scheduler", "amp"}
     assert kinds == {**{name: "slider" for name in SEARCH_RANGES}, **dict.fromkeys(choices, "pills"),
                      "lr": "select_slider", "weight_decay": "select_slider"}
     assert range_input("bidirectional", [True]).args["options"] == [False, True]
