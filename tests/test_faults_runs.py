@@ -271,7 +271,8 @@ def test_a_study_whose_folder_goes_away_mid_study_ends_in_one_line_keeping_its_t
     worker stops the study and says so in one line, not in Optuna's logged traceback; trial 0 stays."""
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"hidden_size": {"type": "int", "low": 8, "high": 32}}))
-    tiny = ["--limit-train", "1000", "--val-size", "500", "--epochs", "3", "--batch-size", "100", "--aug-rotate", "0",
+    # trials of several seconds: the folder must go while trial 1 trains, not after it has finished
+    tiny = ["--limit-train", "1000", "--val-size", "500", "--epochs", "8", "--batch-size", "100", "--aug-rotate", "0",
             "--aug-translate", "0", "--aug-scale", "0"]
     worker = subprocess.Popen([sys.executable, "-m", "lstm_core", "tune", "--study", "s", "--trials", "4", "--space",
                                str(space), "--saves", str(saves), *tiny], cwd=REPO, stdout=subprocess.PIPE,
