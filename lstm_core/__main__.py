@@ -21,8 +21,8 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import (CHOICES, FIELD_TYPES, RECURRENT_ONLY, PRESETS, ConfigError, DataUnavailable, TrainConfig, flag,
-                     from_dict, preset, read_mapping)
+from .config import (CHOICES, FIELD_TYPES, PRESETS, RECURRENT_ONLY, ConfigError, DataUnavailable, TrainConfig,
+                     flag, from_dict, preset, read_mapping)
 
 EXIT_USAGE = 2
 
@@ -256,8 +256,10 @@ class ProgressPrinter:
         self.tty = self.stream.isatty()
 
     def on_run_start(self, state) -> None:
+        from .runs import cell_name
+
         config = state.config
-        model = config.arch if config.arch == "cnn" else f"{'bi' if config.bidirectional else ''}{config.cell}"
+        model = config.arch if config.arch == "cnn" else cell_name(config.to_dict()).lower()
         self.stream.write(f"training {model} on {state.device}: {state.n_train} samples, "
                           f"{state.steps_per_epoch} batches/epoch, {state.config.epochs} epoch(s)\n")
 
@@ -407,7 +409,8 @@ def command_runs(args: argparse.Namespace) -> int:
     pct = lambda x: f"{x:.2%}" if x is not None else "-"  # noqa: E731
     table = [("run", "state", "model", "epochs", "best val", "test", "time", "device")]
     for r in rows:
-        model = "cnn" if r["arch"] == "cnn" else f"{cell_name(r).lower()} {r['num_layers']}x{r['hidden_size']} {r['seq_mode']}"
+        model = ("cnn" if r["arch"] == "cnn"
+                 else f"{cell_name(r).lower()} {r['num_layers']}x{r['hidden_size']} {r['seq_mode']}")
         if r["damaged"]:                # no model to describe: say why instead
             model = f"damaged: {r['damaged']}"
         table.append((r["id"], r["state"], model, f"{r['epochs_done']}/{r['epochs'] or '?'}",

@@ -19,8 +19,9 @@ On a CPU the rows are fp32 (the fused CPU LSTM, lstm_core.cpu), fp32-torch (torc
 bf16 where the CPU has bf16 instructions; the GRU and RNN rows (gru, rnn, PRESET/CELL) are torch's own
 layers against the same peak, so their roofline reads as their speed at equal work beside the LSTM's. On a
 GPU they are fp32 (amp=off: TF32 matmuls, as fit runs it), amp (amp=auto: what devices.policy_for decides,
-fp16 autocast with loss scaling for cuDNN's LSTM) and fp32-native: torch's own CUDA layer with cuDNN off. Every row's roofline divides by the GEMM peak of
-the dtype its LSTM really computes in (policy.lstm_dtype; TF32 for fp32 on a GPU).
+fp16 autocast with loss scaling for cuDNN's LSTM) and fp32-native: torch's own CUDA layer with cuDNN off.
+Every row's roofline divides by the GEMM peak of the dtype its recurrent layer really computes in
+(policy.lstm_dtype; TF32 for fp32 on a GPU).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ class TrainConfig:
     num_layers: int = 1             # one layer trains far faster than two on a CPU and reaches 99% with onecycle
     dropout: float = 0.1            # between LSTM layers and before the head; light, the model is small
     bidirectional: bool = False     # off: the Draw page can then show the belief forming row by row
-    forget_init: str = "auto"       # the memory gate's bias at the start (LSTM forget, GRU update; models.init_gate_biases)
+    forget_init: str = "auto"       # the memory gate's bias at the start: LSTM forget, GRU update (init_gate_biases)
     # optimisation
     optimizer: str = "adamw"        # decoupled weight decay; robust across learning rates
     lr: float = 5e-3                # peak rate of the onecycle schedule

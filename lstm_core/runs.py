@@ -535,8 +535,8 @@ def format_seconds(s: float) -> str:
 
 
 def cell_name(row: dict) -> str:
-    """A recurrent run's cell as people write it: "LSTM", "BiGRU", "IRNN" (runs from before the GRU and
-    RNN recorded no cell: they are LSTMs)."""
+    """A recurrent run's cell as people write it: "LSTM", "BiGRU", "IRNN" (a config without a cell is an
+    LSTM's, the field's default)."""
     return ("Bi" if row.get("bidirectional") else "") + (row.get("cell") or "lstm").upper()
 
 
@@ -561,7 +561,8 @@ def summarize(run: Run) -> dict:
     started, ended = status.get("started_at"), status.get("ended_at") or status.get("heartbeat_at")
     return {
         "id": run.id, "path": str(run.path), "state": status.get("state", "unknown"),
-        "arch": cfg.get("arch"), "cell": cfg.get("cell", "lstm") if cfg else None, "seq_mode": cfg.get("seq_mode"), "hidden_size": cfg.get("hidden_size"),
+        "arch": cfg.get("arch"), "cell": cfg.get("cell", "lstm") if cfg else None, "seq_mode": cfg.get("seq_mode"),
+        "hidden_size": cfg.get("hidden_size"),
         "num_layers": cfg.get("num_layers"), "bidirectional": cfg.get("bidirectional"),
         "optimizer": cfg.get("optimizer"), "lr": cfg.get("lr"), "batch_size": cfg.get("batch_size"),
         "epochs_done": len(epochs), "epochs": cfg.get("epochs"),
