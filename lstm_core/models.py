@@ -16,10 +16,7 @@ from .devices import cpu_has_bf16, lstm_leaves_autocast
 
 CHRONO_FROM_STEPS = 100     # under forget_init "auto", sequences at least this long get the chrono initialisation
 MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "irnn": nn.RNN}
-# where each cell keeps its memory gate among torch's stacked gate biases: the LSTM's forget gate (order i, f,
-# g, o) and the GRU's update gate (order r, z, n), the gate whose value near 1 carries the state forward
-MEMORY_GATE = {"lstm": 1, "gru": 1}
-OPPOSITE_GATE = {"lstm": 0}   # chrono sets the LSTM's input gate to the forget gate's negative
+GATED = ("lstm", "gru")     # the cells with a memory gate for init_gate_biases to open
 
 
 def init_gate_biases(module: nn.LSTM | nn.GRU, steps: int, forget_init: str = "auto") -> None:
@@ -34,21 +31,23 @@ def init_gate_biases(module: nn.LSTM | nn.GRU, steps: int, forget_init: str = "a
     gradients these initialisations prevent can be watched (gradient health, Train page)."""
     if forget_init == "torch":
         return
-    cell = "lstm" if isinstance(module, nn.LSTM) else "gru"
     hidden = module.hidden_size
-    gate = slice(MEMORY_GATE[cell] * hidden, (MEMORY_GATE[cell] + 1) * hidden)
+    # torch stacks the gates' biases: the memory gate is the second block in both orders (LSTM i, f, g, o;
+    # GRU r, z, n); the LSTM's input gate, the first, is what chrono sets to its negative
+    gate = slice(hidden, 2 * hidden)
+    opposite = slice(0, hidden) if isinstance(module, nn.LSTM) else None
     chrono = forget_init == "chrono" or (forget_init == "auto" and steps >= CHRONO_FROM_STEPS)
     with torch.no_grad():
         for name, bias in module.named_parameters():
             if name.startswith("bias_hh"):                          # the ih biases alone set the start
                 bias[gate].zero_()
-                if chrono and cell in OPPOSITE_GATE:
-                    bias[OPPOSITE_GATE[cell] * hidden:(OPPOSITE_GATE[cell] + 1) * hidden].zero_()
+                if chrono and opposite is not None:
+                    bias[opposite].zero_()
             elif name.startswith("bias_ih") and chrono:
                 memory = torch.empty(hidden).uniform_(1, steps - 1).log_()
                 bias[gate] = memory
-                if cell in OPPOSITE_GATE:
-                    bias[OPPOSITE_GATE[cell] * hidden:(OPPOSITE_GATE[cell] + 1) * hidden] = -memory
+                if opposite is not None:
+                    bias[opposite] = -memory
             elif name.startswith("bias_ih"):
                 bias[gate].fill_(1.0)
 
@@ -95,7 +94,7 @@ class RecurrentClassifier(nn.Module):
                 recurrent_module(cell, input_size, hidden_size, num_layers, dropout, bidirectional))
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
-        if cell in MEMORY_GATE:
+        if cell in GATED:
             init_gate_biases(self.recurrent, steps, forget_init)
         elif cell == "irnn":
             init_identity(self.recurrent)
